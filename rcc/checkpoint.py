@@ -1,0 +1,238 @@
+"""Checkpoint formats: ours (``rcc_config.json`` + ``model.safetensors``) and
+the authors' released layout (spec section 5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .backbones import load_backbone, resolve_local_or_hub
+from .config import RCCConfig
+from .errors import RCCError
+from .memory import atomic_save_file, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "rcc_config.json"
+WEIGHTS_NAME = "model.safetensors"
+_IGNORABLE_BUFFERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+_HEADS = ("embed_out.weight", "lm_head.weight")
+
+
+def _model_from_config(cfg: dict, dtype: torch.dtype | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise RCCError("backbone config has no model_type; the checkpoint's config is incomplete")
+    cfg.pop("transformers_version", None)
+    cfg.pop("quantization_config", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read tensors from files sorted by name; a tensor in several files is
+    concatenated along dim 0 in that order (the original loader's rule)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for f in sorted(files, key=lambda p: p.name):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    parts.setdefault(k, []).append(fh.get_tensor(k))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise RCCError(f"{f}: cannot read weights ({err}); the file is truncated or corrupt, download it again") from None
+    return {k: v[0] if len(v) == 1 else torch.cat(v, dim=0) for k, v in parts.items()}
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        msg = []
+        if missing:
+            msg.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            msg.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:4])})")
+        raise RCCError(f"{what}: {'; '.join(msg)}; these weights do not belong to this architecture")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise RCCError(f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def _fix_head_name(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map the GPT-NeoX head between ``embed_out`` (old transformers) and ``lm_head`` (new)."""
+    own = module.state_dict()
+    out = dict(state)
+    for a, b in (_HEADS, _HEADS[::-1]):
+        if a in out and a not in own and b in own and b not in out:
+            out[b] = out.pop(a)
+    return out
+
+
+def _drop_buffers(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    own = module.state_dict()
+    return {k: v for k, v in state.items() if k in own or not k.endswith(_IGNORABLE_BUFFERS)}
+
+
+def load_original(weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None):
+    """Load the authors' released RCC checkpoint (spec section 5).
+
+    Args:
+        weights: a folder of safetensors files, one file, or a hub id
+            (e.g. ``fcyp/RCC_Ins_Reconstruction``).
+        base_model: the backbone's config: a ``PretrainedConfig``, a folder or
+            hub id (e.g. ``EleutherAI/pythia-1.4b``) or a ``config.json`` path.
+        dtype: parameter dtype (default: as stored).
+        tokenizer: a tokenizer; by default loaded from ``base_model`` when it is a path or id.
+    Raises:
+        RCCError: on missing or unexpected keys, unreadable files, or an unknown source.
+    """
+    from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+    from .model import RCCModel
+
+    if isinstance(base_model, PretrainedConfig):
+        cfg = base_model.to_dict()
+    else:
+        p = Path(str(base_model))
+        if p.is_file():
+            cfg = json.loads(p.read_text())
+        else:
+            try:
+                cfg = AutoConfig.from_pretrained(str(base_model)).to_dict()
+            except (OSError, ValueError) as err:
+                raise RCCError(f"cannot load the base model config {base_model!r}: {str(err).splitlines()[0]}") from None
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+                except (OSError, ValueError):
+                    log.warning("no tokenizer found for %s", base_model)
+    src = resolve_local_or_hub(weights, allow_patterns=["*.safetensors", "*.json"])
+    files = [src] if src.is_file() else sorted(src.glob("*.safetensors"))
+    if not files:
+        raise RCCError(f"{weights}: no .safetensors files found")
+    state = _read_safetensors(files)
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    enc_state, dec_state, glue = {}, {}, {}
+    for k, v in state.items():
+        if k.startswith("gpt_neox.rcc_encoder."):
+            enc_state[k[len("gpt_neox.rcc_encoder.") :]] = v
+        elif k == "gpt_neox.rcc_encoder2gpt_embed.weight":
+            glue["G.weight"] = v
+        elif m := re.fullmatch(r"gpt_neox\.rcc_encoder2gpt_A_matrix\.(\d+)\.weight", k):
+            glue[f"A.{m.group(1)}.weight"] = v
+        elif k == "gpt_neox.embed_out.weight":
+            continue  # unused by the released model
+        else:
+            dec_state[k] = v
+    encoder = _model_from_config(cfg, dtype)
+    decoder = _model_from_config(cfg, dtype)
+    _load_strict(encoder, _drop_buffers(_fix_head_name(enc_state, encoder), encoder), f"{weights} (encoder)")
+    _load_strict(decoder, _drop_buffers(_fix_head_name(dec_state, decoder), decoder), f"{weights} (decoder)")
+    config = RCCConfig(encoder_config=cfg, decoder_config=cfg, trained=True)
+    model = RCCModel(encoder, decoder, config, tokenizer=tokenizer)
+    glue_module = torch.nn.ModuleDict({"G": model.G, "A": model.A})
+    _load_strict(glue_module, {k: v.to(dtype) for k, v in glue.items()}, f"{weights} (G and A_i)")
+    return model.to(dtype).eval()
+
+
+def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
+    """Save in our format: ``rcc_config.json``, ``model.safetensors`` (+ ``tokenizer/``).
+
+    With ``include_backbones=False`` only G and A_i are written and the
+    backbones are reloaded from ``config.encoder_source``/``decoder_source``.
+
+    Raises:
+        RCCError: when backbones are left out but their source is unknown.
+    """
+    path = Path(path)
+    cfg = model.config
+    if include_backbones is None:
+        include_backbones = not (cfg.encoder_source and cfg.decoder_source)
+    if not include_backbones and not (cfg.encoder_source and cfg.decoder_source):
+        raise RCCError("cannot leave the backbones out: the config names no encoder_source/decoder_source to reload them from")
+    state = {f"G.{k}": v for k, v in model.G.state_dict().items()}
+    state.update({f"A.{k}": v for k, v in model.A.state_dict().items()})
+    if include_backbones:
+        state.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+        state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in state.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:
+            aliases[k] = seen[ptr]  # tied weights are stored once
+            continue
+        seen[ptr] = k
+        tensors[k] = v.detach().cpu().contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "rcc/1", "aliases": json.dumps(aliases), "backbones": str(include_backbones)}
+    atomic_save_file(tensors, path / WEIGHTS_NAME, meta)
+    atomic_write_text(path / CONFIG_NAME, cfg.to_json())
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(path / "tokenizer"))
+
+
+def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None):
+    """Load a model saved by :func:`save_pretrained` from a folder or hub id.
+
+    Raises:
+        RCCError: when the folder is not an RCC checkpoint, or files are corrupt or mismatched.
+    """
+    from transformers import AutoTokenizer
+
+    from .model import RCCModel
+
+    root = resolve_local_or_hub(name_or_path)
+    if not (root / CONFIG_NAME).is_file():
+        raise RCCError(
+            f"{name_or_path}: no {CONFIG_NAME}; not an rcc-llm checkpoint (for the authors' released "
+            "weights use from_original / --base-model)"
+        )
+    try:
+        config = RCCConfig.from_dict(json.loads((root / CONFIG_NAME).read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise RCCError(f"{root / CONFIG_NAME}: unreadable config ({err})") from None
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        raise RCCError(f"{name_or_path}: {WEIGHTS_NAME} is missing")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise RCCError(f"{weights}: cannot read weights ({err}); the file is truncated or corrupt") from None
+    state = _read_safetensors([weights])
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        state[alias] = state[target]
+    if dtype is None:  # keep the stored precision (e.g. float64 checkpoints stay float64)
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    tokenizer = None
+    if (root / "tokenizer").is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    if meta.get("backbones") == "False":
+        encoder, tok = load_backbone(config.encoder_source, dtype)
+        decoder, _ = load_backbone(config.decoder_source, dtype)
+        tokenizer = tokenizer or tok
+    else:
+        encoder = _model_from_config(config.encoder_config, dtype)
+        decoder = _model_from_config(config.decoder_config, dtype)
+        _load_strict(encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}, f"{weights} (encoder)")
+        _load_strict(decoder, {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}, f"{weights} (decoder)")
+    model = RCCModel(encoder, decoder, config, tokenizer=tokenizer)
+    glue = {k: v for k, v in state.items() if k.startswith(("G.", "A."))}
+    _load_strict(torch.nn.ModuleDict({"G": model.G, "A": model.A}), glue, f"{weights} (G and A_i)")
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,475 @@
+"""RCCModel: an encoder LM, a decoder LM and the maps G and A_i (spec section 1).
+
+Compose, do not subclass: the backbones are ordinary transformers causal LMs.
+The decoder reads slots through ``inputs_embeds`` and per-layer additions
+through forward hooks (:mod:`rcc.hooks`); nothing here depends on a backbone's
+modeling code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hooks
+from .config import RCCConfig, windows_for
+from .errors import RCCError
+from .memory import CompressedContext, kv_of, token_hash
+from .windows import pad_to_windows, pool_slots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RCCOutput:
+    """Result of :meth:`RCCModel.forward`.
+
+    Attributes:
+        loss: mean next-token cross-entropy over counted prompt labels (or None).
+        logits: ``[batch, prompt_len, vocab]``; ``logits[:, t]`` predicts ``input_ids[:, t+1]``.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use what this version takes."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _as_batch(ids, name: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise RCCError(f"{name} must be [batch, tokens] token ids, got shape {tuple(ids.shape)}")
+    return ids.long()
+
+
+class RCCModel(nn.Module):
+    """Recurrent Context Compression over two Hugging Face causal LMs.
+
+    Args:
+        encoder: causal LM E (L_E layers, hidden H_E); its LM head is never run.
+        decoder: causal LM D (L_D layers, hidden H_D).
+        config: :class:`RCCConfig` (window, ratio, pooling, level map).
+        tokenizer: optional tokenizer shared by both sides (needed by :meth:`ask`).
+
+    Attributes:
+        G: ``Linear(H_E, H_D, bias=False)``, slot input embedding from level 0.
+        A: ``ModuleList`` of L_D ``Linear(H_E, H_D, bias=False)``, added after
+            decoder layer i at slot positions.
+
+    Raises:
+        RCCError: when the backbones' layers cannot be found or the level map does not fit.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, config: RCCConfig, tokenizer=None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.config = config
+        self.tokenizer = tokenizer
+        enc_layers = len(hooks.decoder_layers(encoder))
+        dec_layers = len(hooks.decoder_layers(decoder))
+        self.level_map = config.levels_for_layers(enc_layers, dec_layers)
+        h_e, h_d = encoder.config.hidden_size, decoder.config.hidden_size
+        self.G = nn.Linear(h_e, h_d, bias=False)
+        self.A = nn.ModuleList(nn.Linear(h_e, h_d, bias=False) for _ in range(dec_layers))
+        dtype = next(decoder.parameters()).dtype
+        device = next(decoder.parameters()).device
+        self.G.to(device=device, dtype=dtype)
+        self.A.to(device=device, dtype=dtype)
+        self._cache_kw = _cache_kwarg(decoder)
+        self.position_limit = hooks.absolute_position_limit(decoder)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_backbones(
+        cls,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        window: int = 2048,
+        ratio: int = 32,
+        tokenizer=None,
+        pooling: str = "last",
+        level_map: list[list[int]] | None = None,
+        encoder_source: str | None = None,
+        decoder_source: str | None = None,
+    ) -> "RCCModel":
+        """A fresh, untrained RCC model over two backbones.
+
+        Initialisation (for training): every A_i is zero, so at step 0 the
+        decoder computes exactly what the pretrained backbone computes on the
+        slot embeddings and training starts from the backbone's loss, not from
+        noise injected into every layer; A_i still get gradients (their input,
+        the encoder state, is non-zero). G is the identity when H_E == H_D (both
+        sides usually start from one backbone, so a slot starts as the embedding
+        of its block's last token, an in-distribution input), else a random map
+        scaled to the decoder embeddings' standard deviation.
+        """
+        if encoder is decoder:
+            raise RCCError("encoder and decoder must be separate model instances (separate weights); load the backbone twice")
+        config = RCCConfig(
+            window=window,
+            ratio=ratio,
+            pooling=pooling,
+            level_map=level_map,
+            encoder_config=encoder.config.to_dict(),
+            decoder_config=decoder.config.to_dict(),
+            encoder_source=encoder_source,
+            decoder_source=decoder_source,
+            trained=False,
+        )
+        model = cls(encoder, decoder, config, tokenizer=tokenizer)
+        with torch.no_grad():
+            for a in model.A:
+                a.weight.zero_()
+            h_e, h_d = model.G.in_features, model.G.out_features
+            if h_e == h_d:
+                model.G.weight.copy_(torch.eye(h_d))
+            else:
+                # G(x) then has the decoder embeddings' per-element scale
+                s_d = decoder.get_input_embeddings().weight.float().std().item()
+                s_e = encoder.get_input_embeddings().weight.float().std().item()
+                model.G.weight.normal_(0.0, s_d / (math.sqrt(h_e) * max(s_e, 1e-8)))
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> "RCCModel":
+        """Load a model saved by :meth:`save_pretrained` (local folder or hub id)."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
+
+    @classmethod
+    def from_original(cls, weights: str, base_model, dtype: torch.dtype | None = None, **kwargs) -> "RCCModel":
+        """Load the authors' released layout (spec section 5); see :func:`rcc.checkpoint.load_original`."""
+        from .checkpoint import load_original
+
+        return load_original(weights, base_model=base_model, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, path: str, include_backbones: bool | None = None) -> None:
+        """Write ``rcc_config.json`` + ``model.safetensors`` (+ tokenizer) to ``path``."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, include_backbones=include_backbones)
+
+    def __repr__(self) -> str:
+        e, d = self.encoder, self.decoder
+        state = (
+            "UNTRAINED: G and A_i are freshly initialised, answers are meaningless until trained"
+            if not self.config.trained
+            else "trained"
+        )
+        return (
+            f"RCCModel(encoder={type(e).__name__}[{len(self.A) and len(hooks.decoder_layers(e))} layers, "
+            f"hidden {self.G.in_features}], decoder={type(d).__name__}[{len(self.A)} layers, hidden "
+            f"{self.G.out_features}], window={self.config.window}, ratio={self.config.ratio}, "
+            f"pooling={self.config.pooling!r}, {state})"
+        )
+
+    # ----------------------------------------------------------- identity
+    def fingerprint(self) -> str:
+        """A short identity of this model's configuration and weights.
+
+        Hashes the config and, for every parameter, its name, shape and 16
+        evenly spaced values rounded to bfloat16 (so the same weights loaded in
+        another dtype or device keep their identity; different weights change it).
+        """
+        h = hashlib.sha256()
+        cfg = self.config
+        h.update(f"{cfg.window}/{cfg.ratio}/{cfg.pooling}/{self.level_map}".encode())
+        for name, p in self.named_parameters():
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), device=flat.device).long()
+            sample = flat[idx].to(torch.bfloat16).float().cpu()
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    # ------------------------------------------------------------ compress
+    def encode_windows(self, windows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Compress windows into projected slots.
+
+        Args:
+            windows: ``[num_windows, W]`` token ids; positions restart at 0 in each.
+        Returns:
+            ``(embeds, additions)``: ``embeds = G(level 0 slots): [num_windows, k, H_D]``
+            and, for each decoder layer i, ``A_i(mean of its levels): [num_windows, k, H_D]``.
+        """
+        body = hooks.backbone_body(self.encoder)
+        out = body(input_ids=windows.to(self.device), output_hidden_states=True, use_cache=False)
+        levels = out.hidden_states
+        r, pooling = self.config.ratio, self.config.pooling
+        pooled: dict[int, torch.Tensor] = {}
+
+        def level(j: int) -> torch.Tensor:
+            if j not in pooled:
+                pooled[j] = pool_slots(levels[j], r, pooling)
+            return pooled[j]
+
+        embeds = self.G(level(0).to(self.G.weight.dtype))
+        additions = []
+        for i, lv in enumerate(self.level_map):
+            src = level(lv[0]) if len(lv) == 1 else torch.stack([level(j) for j in lv]).mean(0)
+            additions.append(self.A[i](src.to(self.A[i].weight.dtype)))
+        return embeds, additions
+
+    def iter_slots(
+        self, context_ids: torch.Tensor, window_batch_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Yield projected slots a batch of windows at a time, in context order.
+
+        Args:
+            context_ids: ``[batch, n]``.
+            window_batch_size: windows of each context encoded together (None: all).
+        Yields:
+            ``(embeds [batch, j*k, H_D], additions: L_D x [batch, j*k, H_D])`` for
+            consecutive groups of j windows.
+        """
+        cfg = self.config
+        padded = pad_to_windows(context_ids, cfg.window)
+        b = padded.shape[0]
+        windows = padded.reshape(b, -1, cfg.window)  # [batch, num_windows, W]
+        nw = windows.shape[1]
+        step = nw if not window_batch_size else max(1, int(window_batch_size))
+        for start in range(0, nw, step):
+            chunk = windows[:, start : start + step]
+            j = chunk.shape[1]
+            embeds, additions = self.encode_windows(chunk.reshape(b * j, cfg.window))
+            k = embeds.shape[1]
+            yield embeds.reshape(b, j * k, -1), [a.reshape(b, j * k, -1) for a in additions]
+
+    def _check_context(self, context_ids) -> torch.Tensor:
+        ids = _as_batch(context_ids, "context_ids")
+        if ids.shape[1] == 0:
+            raise RCCError("the context is empty; give at least one token of context")
+        return ids
+
+    def check_positions(self, total: int) -> None:
+        """Refuse (absolute positions) or warn (rotary) when slots + prompt + new
+        tokens exceed what the decoder was trained on.
+
+        Raises:
+            RCCError: for learned absolute position embeddings beyond their table.
+        """
+        if self.position_limit is not None and total > self.position_limit:
+            max_ctx = (self.position_limit // self.config.slots_per_window) * self.config.window
+            raise RCCError(
+                f"slots + prompt + new tokens need {total} decoder positions but this decoder has "
+                f"learned absolute position embeddings for {self.position_limit}; with window "
+                f"{self.config.window} and ratio {self.config.ratio} it can read at most about "
+                f"{max_ctx} context tokens; shorten the context or the prompt"
+            )
+        trained = getattr(self.decoder.config, "max_position_embeddings", None)
+        if self.position_limit is None and trained and total > trained:
+            log.warning(
+                "slots + prompt span %d decoder positions, beyond the %d the decoder was trained on; "
+                "rotary positions extrapolate (as in the paper) but quality may drop",
+                total,
+                trained,
+            )
+
+    @torch.no_grad()
+    def compress(
+        self,
+        context_ids,
+        window_batch_size: int | None = 8,
+        progress: Callable[[int], None] | None = None,
+    ) -> CompressedContext:
+        """Compress a context into the decoder's KV cache, streaming (spec section 4).
+
+        Each batch of windows is encoded, projected and pre-filled into the
+        decoder's cache before the next batch is encoded, so peak memory is the
+        weights + the cache for n/r slots + one batch of windows' activations.
+
+        Args:
+            context_ids: ``[batch, n]`` or ``[n]`` token ids.
+            window_batch_size: windows encoded per step (None: all at once).
+            progress: called with the number of windows done after each step.
+        Returns:
+            a :class:`CompressedContext` with ``num_slots = windows * W / r``.
+        Raises:
+            RCCError: on an empty context or a context beyond an absolute-position decoder.
+        """
+        ids = self._check_context(context_ids)
+        n = ids.shape[1]
+        self.check_positions(self.config.slots_for(n))
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        done = 0
+        for embeds, additions in self.iter_slots(ids, window_batch_size):
+            with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+                self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            done += embeds.shape[1] // self.config.slots_per_window
+            if progress is not None:
+                progress(done)
+        return CompressedContext(
+            kv=[(k, v) for k, v in kv_of(cache)],
+            num_tokens=n,
+            num_slots=cache.get_seq_length(),
+            window=self.config.window,
+            ratio=self.config.ratio,
+            model_id=self.fingerprint(),
+            content_hash=token_hash(ids),
+        )
+
+    def check_memory(self, memory: CompressedContext) -> None:
+        """Raises RCCError when ``memory`` was made by another model."""
+        mine = self.fingerprint()
+        if memory.model_id != mine or memory.window != self.config.window or memory.ratio != self.config.ratio:
+            raise RCCError(
+                f"this memory was made by another model (model id {memory.model_id}, window "
+                f"{memory.window}, ratio {memory.ratio}) than the one loaded (model id {mine}, window "
+                f"{self.config.window}, ratio {self.config.ratio}); compress the context again with this model"
+            )
+        if len(memory.kv) != len(self.A):
+            raise RCCError(f"memory has {len(memory.kv)} layers, the decoder {len(self.A)}; recompress")
+
+    # ------------------------------------------------------------- forward
+    def forward(
+        self,
+        context_ids: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        window_batch_size: int | None = None,
+    ) -> RCCOutput:
+        """One pass over slots + prompt (training and scoring).
+
+        Args:
+            context_ids: ``[batch, n]`` context to compress (same n in the batch).
+            input_ids: ``[batch, m]`` decoder prompt.
+            labels: ``[batch, m]`` aligned with ``input_ids``; -100 = not counted.
+                Slot positions are never counted; the last slot's logits predict
+                ``labels[:, 0]`` (spec section 3).
+            attention_mask: ``[batch, m]`` for the prompt (1 = real token).
+        Returns:
+            :class:`RCCOutput` with ``logits [batch, m, vocab]`` and the mean loss.
+        """
+        ctx = self._check_context(context_ids).to(self.device)
+        input_ids = _as_batch(input_ids, "input_ids").to(self.device)
+        parts = list(self.iter_slots(ctx, window_batch_size))
+        embeds = torch.cat([p[0] for p in parts], dim=1)
+        additions = [torch.cat([p[1][i] for p in parts], dim=1) for i in range(len(self.A))]
+        P, m = embeds.shape[1], input_ids.shape[1]
+        self.check_positions(P + m)
+        tok = self.decoder.get_input_embeddings()(input_ids)
+        inputs = torch.cat([embeds.to(tok.dtype), tok], dim=1)
+        mask = None
+        if attention_mask is not None:
+            am = attention_mask.to(self.device)
+            mask = torch.cat([torch.ones(am.shape[0], P, dtype=am.dtype, device=am.device), am], dim=1)
+        with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+            out = self.decoder(inputs_embeds=inputs, attention_mask=mask, use_cache=False, logits_to_keep=m + 1)
+        kept = out.logits  # positions P-1 .. P+m-1
+        loss = None
+        if labels is not None:
+            labels = _as_batch(labels, "labels").to(self.device)
+            if labels.shape != input_ids.shape:
+                raise RCCError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+            scores = kept[:, :m]
+            if scores.dtype in (torch.float16, torch.bfloat16):
+                scores = scores.float()
+            loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return RCCOutput(loss=loss, logits=kept[:, 1:])
+
+    # ----------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(
+        self,
+        context,
+        prompt_ids,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        eos_token_id: int | list[int] | None = None,
+        window_batch_size: int | None = 8,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generate after the slots and the prompt (greedy unless told otherwise).
+
+        Args:
+            context: a :class:`CompressedContext`, or context token ids ``[batch, n]``.
+            prompt_ids: ``[batch, m]`` (or ``[m]``); a batch of questions may share
+                one single-context memory. Pad on the LEFT with ``attention_mask``.
+            attention_mask: ``[batch, m]`` for the prompt.
+            max_new_tokens, eos_token_id: as in transformers.
+            **generate_kwargs: any ``transformers`` generation option (``do_sample``,
+                ``temperature``, ``top_p``, ``repetition_penalty``, ``stop_strings``,
+                ``streamer``, ``stopping_criteria`` ...).
+        Returns:
+            new token ids ``[batch, new_tokens]`` (finished rows padded with the pad id).
+        Raises:
+            RCCError: on an empty prompt, a memory from another model, or positions
+            beyond an absolute-position decoder.
+        """
+        memory = context if isinstance(context, CompressedContext) else self.compress(context, window_batch_size)
+        self.check_memory(memory)
+        prompt = _as_batch(prompt_ids, "prompt_ids").to(self.device)
+        if prompt.shape[1] == 0:
+            raise RCCError("the prompt is empty; give at least one prompt token")
+        b, m, P = prompt.shape[0], prompt.shape[1], memory.num_slots
+        self.check_positions(P + m + max_new_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt)
+        attention_mask = attention_mask.to(self.device)
+        cache = memory.cache(b)
+        for layer in cache.layers:
+            layer.keys = layer.keys.to(self.device, self.dtype)
+            layer.values = layer.values.to(self.device, self.dtype)
+        # Slot positions are already in the cache; generate() skips cached
+        # positions of input_ids, so they only need placeholder ids.
+        placeholder = torch.zeros(b, P, dtype=prompt.dtype, device=self.device)
+        full_ids = torch.cat([placeholder, prompt], dim=1)
+        full_mask = torch.cat([torch.ones_like(placeholder), attention_mask], dim=1)
+        opts = {"do_sample": False, "max_new_tokens": max_new_tokens}
+        if eos_token_id is not None:
+            opts["eos_token_id"] = eos_token_id
+        pad = self.decoder.generation_config.pad_token_id
+        if pad is None:
+            pad = eos_token_id if isinstance(eos_token_id, int) else self.decoder.generation_config.eos_token_id
+            if isinstance(pad, list):
+                pad = pad[0]
+            opts["pad_token_id"] = pad if pad is not None else 0
+        if generate_kwargs.get("stop_strings") and "tokenizer" not in generate_kwargs:
+            generate_kwargs["tokenizer"] = self.tokenizer
+        opts.update(generate_kwargs)
+        if not opts.get("do_sample"):
+            for k in ("temperature", "top_p", "top_k"):
+                if opts.get(k) is None:
+                    opts.pop(k, None)
+        out = self.decoder.generate(input_ids=full_ids, attention_mask=full_mask, **{self._cache_kw: cache}, **opts)
+        return out[:, P + m :]
+
+    # ------------------------------------------------------------------ ask
+    def ask(self, context_text: str, question: str, mode: str = "reconstruct", **generate_kwargs):
+        """Answer a question about a text with one of the two instruction modes (spec section 2).
+
+        Returns:
+            :class:`rcc.prompts.Answer` (``answer`` and, for ``"reconstruct"``,
+            the ``reconstructed_question``).
+        """
+        from .prompts import ask
+
+        return ask(self, context_text, question, mode=mode, **generate_kwargs)
