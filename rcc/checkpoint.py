@@ -236,3 +236,44 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | None = None,
+               device=None, window: int = 2048, ratio: int = 32):
+    """Resolve what a user means by a model name (CLI ``--model``, server).
+
+    - ``base_model`` given: ``spec`` is the authors' released layout (spec section 5);
+    - a folder or hub repo with ``rcc_config.json``: our format;
+    - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
+      untrained RCC model over two copies of that backbone (``window``, ``ratio``).
+
+    Raises:
+        RCCError: when nothing loadable is found.
+    """
+    from .backbones import EMBEDDED
+    from .model import RCCModel
+
+    if base_model:
+        model = load_original(spec, base_model=base_model, dtype=dtype)
+    elif spec == EMBEDDED:
+        encoder, tok = load_backbone(spec, dtype)
+        decoder, _ = load_backbone(spec, dtype)
+        model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
+                                        encoder_source=spec, decoder_source=spec)
+    else:
+        root = resolve_local_or_hub(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer/*", "*.model", "*.txt"])
+        if (root / CONFIG_NAME).is_file():
+            model = load_pretrained(str(root), dtype=dtype)
+        elif (root / "config.json").is_file():
+            encoder, tok = load_backbone(str(root), dtype)
+            decoder, _ = load_backbone(str(root), dtype)
+            model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
+                                            encoder_source=spec, decoder_source=spec)
+        else:
+            raise RCCError(
+                f"{spec}: neither an rcc-llm checkpoint ({CONFIG_NAME}) nor a transformers model "
+                "(config.json); for the authors' released weights add --base-model"
+            )
+    if device is not None:
+        model.to(device)
+    return model.eval()

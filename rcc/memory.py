@@ -76,7 +76,7 @@ class CompressedContext:
     def batch_size(self) -> int:
         return self.kv[0][0].shape[0]
 
-    def cache(self, batch_size: int | None = None) -> DynamicCache:
+    def cache(self, batch_size: int | None = None, device=None, dtype=None) -> DynamicCache:
         """A fresh KV cache holding the slots, for one generation call.
 
         Generation appends to the cache it is given, so every call gets its own
@@ -94,7 +94,7 @@ class CompressedContext:
                     "given; give one prompt per context, or compress a single context"
                 )
             kv = [(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in kv]
-        return cache_from([(k.clone(), v.clone()) for k, v in kv])
+        return cache_from([(k.to(device, dtype, copy=True), v.to(device, dtype, copy=True)) for k, v in kv])
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)

@@ -193,7 +193,8 @@ class RCCModel(nn.Module):
         h.update(f"{cfg.window}/{cfg.ratio}/{cfg.pooling}/{self.level_map}".encode())
         for name, p in self.named_parameters():
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), device=flat.device).long()
+            count = min(16, flat.numel())
+            idx = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
             sample = flat[idx].to(torch.bfloat16).float().cpu()
             h.update(f"{name}{tuple(p.shape)}".encode())
             h.update(sample.numpy().tobytes())
@@ -296,6 +297,7 @@ class RCCModel(nn.Module):
         context_ids,
         window_batch_size: int | None = 8,
         progress: Callable[[int], None] | None = None,
+        prefix: CompressedContext | None = None,
     ) -> CompressedContext:
         """Compress a context into the decoder's KV cache, streaming (spec section 4).
 
@@ -307,17 +309,26 @@ class RCCModel(nn.Module):
             context_ids: ``[batch, n]`` or ``[n]`` token ids.
             window_batch_size: windows encoded per step (None: all at once).
             progress: called with the number of windows done after each step.
+            prefix: a memory to extend: the new windows' slots are appended after
+                its slots (they attend to them), as if both were one context whose
+                windows were cut at the boundary. The prefix itself is not modified.
         Returns:
-            a :class:`CompressedContext` with ``num_slots = windows * W / r``.
+            a :class:`CompressedContext` with ``num_slots = windows * W / r``
+            (plus the prefix's slots).
         Raises:
             RCCError: on an empty context or a context beyond an absolute-position decoder.
         """
         ids = self._check_context(context_ids)
         n = ids.shape[1]
-        self.check_positions(self.config.slots_for(n))
-        from transformers import DynamicCache
+        before = 0 if prefix is None else prefix.num_slots
+        self.check_positions(before + self.config.slots_for(n))
+        if prefix is not None:
+            self.check_memory(prefix)
+            cache = prefix.cache(ids.shape[0], self.device, self.dtype)
+        else:
+            from transformers import DynamicCache
 
-        cache = DynamicCache()
+            cache = DynamicCache()
         done = 0
         for embeds, additions in self.iter_slots(ids, window_batch_size):
             with hooks.inject(hooks.decoder_layers(self.decoder), additions):
@@ -325,14 +336,15 @@ class RCCModel(nn.Module):
             done += embeds.shape[1] // self.config.slots_per_window
             if progress is not None:
                 progress(done)
+        content = token_hash(ids) if prefix is None else token_hash(ids) + "+" + prefix.content_hash
         return CompressedContext(
             kv=[(k, v) for k, v in kv_of(cache)],
-            num_tokens=n,
+            num_tokens=n + (0 if prefix is None else prefix.num_tokens),
             num_slots=cache.get_seq_length(),
             window=self.config.window,
             ratio=self.config.ratio,
             model_id=self.fingerprint(),
-            content_hash=token_hash(ids),
+            content_hash=hashlib.sha256(content.encode()).hexdigest() if prefix is not None else content,
         )
 
     def check_memory(self, memory: CompressedContext) -> None:
@@ -403,7 +415,7 @@ class RCCModel(nn.Module):
         prompt_ids,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
-        eos_token_id: int | list[int] | None = None,
+        eos_token_id: int | list[int] | None | str = "default",
         window_batch_size: int | None = 8,
         **generate_kwargs,
     ) -> torch.Tensor:
@@ -414,7 +426,9 @@ class RCCModel(nn.Module):
             prompt_ids: ``[batch, m]`` (or ``[m]``); a batch of questions may share
                 one single-context memory. Pad on the LEFT with ``attention_mask``.
             attention_mask: ``[batch, m]`` for the prompt.
-            max_new_tokens, eos_token_id: as in transformers.
+            max_new_tokens: as in transformers.
+            eos_token_id: id(s) that end a row; ``"default"`` keeps the decoder's
+                generation config, None disables end-of-sequence stopping.
             **generate_kwargs: any ``transformers`` generation option (``do_sample``,
                 ``temperature``, ``top_p``, ``repetition_penalty``, ``stop_strings``,
                 ``streamer``, ``stopping_criteria`` ...).
@@ -434,20 +448,16 @@ class RCCModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(prompt)
         attention_mask = attention_mask.to(self.device)
-        cache = memory.cache(b)
-        for layer in cache.layers:
-            layer.keys = layer.keys.to(self.device, self.dtype)
-            layer.values = layer.values.to(self.device, self.dtype)
+        cache = memory.cache(b, self.device, self.dtype)
         # Slot positions are already in the cache; generate() skips cached
         # positions of input_ids, so they only need placeholder ids.
         placeholder = torch.zeros(b, P, dtype=prompt.dtype, device=self.device)
         full_ids = torch.cat([placeholder, prompt], dim=1)
         full_mask = torch.cat([torch.ones_like(placeholder), attention_mask], dim=1)
         opts = {"do_sample": False, "max_new_tokens": max_new_tokens}
-        if eos_token_id is not None:
+        if eos_token_id != "default":
             opts["eos_token_id"] = eos_token_id
-        pad = self.decoder.generation_config.pad_token_id
-        if pad is None:
+        if self.decoder.generation_config.pad_token_id is None:
             pad = eos_token_id if isinstance(eos_token_id, int) else self.decoder.generation_config.eos_token_id
             if isinstance(pad, list):
                 pad = pad[0]
