@@ -94,6 +94,7 @@ def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = Fa
     from tqdm.auto import tqdm
 
     n_windows = model.config.slots_for(ids.shape[-1]) // model.config.slots_per_window
+    model.check_positions(model.config.slots_for(ids.shape[-1]) + (prefix.num_slots if prefix else 0))
     bar = tqdm(total=n_windows, unit="win", desc="compressing", disable=quiet or n_windows < 2, file=sys.stderr)
     last = [0]
 
@@ -102,8 +103,10 @@ def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = Fa
         last[0] = done
 
     t = time.perf_counter()
-    memory = model.compress(ids, window_batch_size=batch, progress=progress, prefix=prefix)
-    bar.close()
+    try:
+        memory = model.compress(ids, window_batch_size=batch, progress=progress, prefix=prefix)
+    finally:
+        bar.close()
     secs = time.perf_counter() - t
     if not quiet:
         print(

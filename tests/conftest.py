@@ -1,0 +1,84 @@
+"""Shared test helpers: tiny random backbones, a tiny real tokenizer, the fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "reference_tiny_neox"
+
+TINY = {
+    "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     rotary_pct=0.25, max_position_embeddings=4096),
+    "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=4096),
+    "qwen2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, max_position_embeddings=4096),
+    "mistral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, max_position_embeddings=4096, sliding_window=4096),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+}
+
+
+def tiny_backbone(model_type: str = "llama", vocab: int = 300, seed: int = 0, dtype=torch.float32, **over):
+    """A tiny random causal LM (2 layers, width 64) built from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**TINY[model_type], **over}
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, eos_token_id=0, bos_token_id=0, pad_token_id=0, **kw)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def tiny_rcc(model_type: str = "llama", window: int = 64, ratio: int = 8, seed: int = 0, random_glue=True, **kw):
+    """A tiny RCC model; ``random_glue`` gives G/A_i random (non-zero) weights so
+    that tests see the injection's effect."""
+    from rcc import RCCModel
+
+    enc = tiny_backbone(model_type, seed=seed, **kw)
+    dec = tiny_backbone(model_type, seed=seed + 1, **kw)
+    model = RCCModel.from_backbones(enc, dec, window=window, ratio=ratio)
+    if random_glue:
+        g = torch.Generator().manual_seed(seed + 2)
+        with torch.no_grad():
+            for p in [model.G.weight, *[a.weight for a in model.A]]:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A real byte-level BPE tokenizer trained on a small text, with the chat
+    markers as special tokens (id 0 = <|endoftext|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (REPO / "examples" / "lighthouse.txt").read_text() * 3
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (FIXTURE / "cases.json").is_file():
+        pytest.skip(f"reference fixture not found at {FIXTURE}")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def reference_model(fixture_dir):
+    from rcc import RCCModel
+
+    return RCCModel.from_original(str(fixture_dir / "model.safetensors"), base_model=str(fixture_dir / "config.json"),
+                                  dtype=torch.float64)
