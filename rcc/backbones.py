@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -54,8 +55,17 @@ def embedded_smollm2(dtype: torch.dtype = torch.float32, fresh: bool = True):
             raise RCCError("reading the embedded GGUF backbone needs the gguf package: pip install gguf")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = getattr(gguf_utils, "tqdm", None)  # silence the GGUF reader's own progress bar
+        if bar is not None and not log.isEnabledFor(logging.INFO):
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        finally:
+            if bar is not None:
+                gguf_utils.tqdm = bar
         model.eval()
         _EMBEDDED_CACHE[key] = (model, tok)
     model, tok = _EMBEDDED_CACHE[key]
