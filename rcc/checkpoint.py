@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
 from .backbones import load_backbone, resolve_local_or_hub
 from .config import RCCConfig
 from .errors import RCCError
@@ -164,9 +165,14 @@ def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
         raise RCCError("cannot leave the backbones out: the config names no encoder_source/decoder_source to reload them from")
     state = {f"G.{k}": v for k, v in model.G.state_dict().items()}
     state.update({f"A.{k}": v for k, v in model.A.state_dict().items()})
-    if include_backbones:
-        state.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
-        state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
+    adapters = {}
+    for side in ("encoder", "decoder"):
+        module = getattr(model, side)
+        if include_backbones:  # LoRA adapters are merged: plain backbone weights
+            state.update({f"{side}.{k}": v for k, v in (merged_state(module) if has_lora(module) else module.state_dict()).items()})
+        elif has_lora(module):  # only the adapters; load re-applies them to the source backbone
+            adapters[side] = lora_config(module)
+            state.update({f"{side}.{k}": v for k, v in lora_state(module).items()})
     tensors, aliases, seen = {}, {}, {}
     for k, v in state.items():
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
@@ -177,6 +183,8 @@ def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
         tensors[k] = v.detach().cpu().contiguous()
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "rcc/1", "aliases": json.dumps(aliases), "backbones": str(include_backbones)}
+    if adapters:
+        meta["adapters"] = json.dumps(adapters)
     atomic_save_file(tensors, path / WEIGHTS_NAME, meta)
     atomic_write_text(path / CONFIG_NAME, cfg.to_json())
     if model.tokenizer is not None:
@@ -223,6 +231,11 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
         encoder, tok = load_backbone(config.encoder_source, dtype)
         decoder, _ = load_backbone(config.decoder_source, dtype)
         tokenizer = tokenizer or tok
+        for side, module in (("encoder", encoder), ("decoder", decoder)):
+            lora = json.loads(meta.get("adapters", "{}")).get(side)
+            if lora is not None:
+                mine = {k[len(side) + 1 :]: v for k, v in state.items() if k.startswith(side + ".")}
+                apply_lora(module, lora, mine, f"{weights} ({side} adapters)")
     else:
         encoder = _model_from_config(config.encoder_config, dtype)
         decoder = _model_from_config(config.decoder_config, dtype)

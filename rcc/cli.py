@@ -209,6 +209,104 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Train an RCC model from a YAML config (+ KEY=VALUE overrides); see docs/training.md."""
+    import os
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .train import print_config, train
+
+    if args.print_config:
+        print(print_config(args.config, args.overrides))
+        return 0
+    loggers = [logging.getLogger(name) for name in ("rcc.train", "rcc.data")]
+    levels = [lg.level for lg in loggers]
+    if os.environ.get("RANK", "0") == "0":  # progress and evaluation lines from the main process only
+        for lg in loggers:
+            lg.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm():
+            result = train(args.config, args.overrides)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    if result.is_main:
+        print(f"rcc: trained {result.step} steps; model saved to {result.final_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    """Tokenize text / JSONL / a Hugging Face dataset into a memory-mapped token folder."""
+    from .data import load_tokenizer, prepare_data
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = prepare_data(args.inputs, args.output, tokenizer, text_field=args.text_field,
+                        eval_fraction=args.eval_fraction, min_tokens=args.min_tokens, on_error=args.on_error,
+                        on_short=args.on_short, append_eos=not args.no_eos, seed=args.seed,
+                        overwrite=args.overwrite, progress=not args.quiet, max_tokens=args.max_tokens)
+    splits = ", ".join(f"{k} {v['docs']} documents / {v['tokens']} tokens" for k, v in meta["splits"].items())
+    print(f"rcc: wrote {args.output} ({meta['dtype']}): {splits}", file=sys.stderr)
+    report = meta["report"]
+    for reason, n in report["skipped"].items():
+        shown = "; ".join(report["skipped_examples"][reason][:3])
+        print(f"rcc: skipped {n} {reason}: {shown}{' ...' if n > 3 else ''}", file=sys.stderr)
+    return 0
+
+
+def _eval_config(args):
+    from .eval import EvalConfig
+
+    task_defaults = {"max_new_tokens": None, "haystack": None, "needle": None, "question": None, "answer": None,
+                     "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None}
+    opts = {k: getattr(args, k, v) for k, v in task_defaults.items()}
+    baselines = ["full", "recent", "kvpress"] if args.baseline else (args.baselines or "")
+    return EvalConfig(task=args.task, lengths=getattr(args, "lengths", "4k"), depths=getattr(args, "depths", "0"),
+                      modes=getattr(args, "modes", "reconstruct,manual"), samples=getattr(args, "samples", 1),
+                      seed=args.seed, baselines=baselines, kvpress_press=args.kvpress_press,
+                      window_batch_size=args.window_batch_size, **opts)
+
+
+def cmd_eval(args) -> int:
+    """Run an evaluation task on RCC (and, with --baseline, the baselines); write JSON (+ PNG), print a table."""
+    from .eval import format_table, run_eval
+    from .eval.plot import plot_result
+
+    cfg = _eval_config(args)  # validate before the (slow) model load
+    model, _device_name = _load(args)
+    output = Path(args.output or f"runs/eval-{args.task}.json")
+    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
+    result = run_eval(model, cfg, output=output, model_spec=args.model, progress=say)
+    print(format_table(result))
+    print(f"rcc: wrote {output}", file=sys.stderr)
+    if not args.no_plot:
+        png = plot_result(result, args.plot or output.with_suffix(".png"))
+        if png is not None:
+            print(f"rcc: wrote {png}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Measure RCC against its uncompressed backbone: memory, compression time, TTFT, decode speed."""
+    from .bench import BenchConfig, format_table, run_bench
+    from .eval.plot import bench_memory
+
+    device = _device(args.device)
+    dtype = str(_dtype(args.dtype, device)).replace("torch.", "")
+    cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtype=dtype,
+                      window=args.window, ratio=args.ratio, window_batch_size=args.window_batch_size,
+                      new_tokens=args.new_tokens, kinds=args.kinds.split(","),
+                      backbone_max_length=args.backbone_max_length, seed=args.seed, timeout_s=args.timeout)
+    output = Path(args.output)
+    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
+    result = run_bench(cfg, output=output, progress=say)
+    print(format_table(result))
+    print(f"rcc: wrote {output}", file=sys.stderr)
+    if not args.no_plot and any(p.get("ok") for p in result["points"]):
+        print(f"rcc: wrote {bench_memory(result, args.plot or output.with_suffix('.png'))}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
@@ -253,10 +351,100 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML training config (see configs/ and docs/training.md)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override config options, e.g. max_steps=100 lr=3e-4 output_dir=runs/x backbone.hidden_size=32")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def _prepare_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+",
+                   help=".txt files (one document each), .jsonl/.json files, folders of them, a saved dataset "
+                        "folder, or hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("-o", "--output", required=True, help="folder to write (train.bin/.idx, eval.bin/.idx, meta.json)")
+    p.add_argument("--tokenizer", required=True, help="hub id, folder or embedded:smollm2 (the model's tokenizer)")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON records (default text)")
+    p.add_argument("--eval-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    p.add_argument("--min-tokens", type=int, default=2048,
+                   help="skip documents with fewer tokens, e.g. one window (default 2048)")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="malformed records: stop with file:line (default) or skip and count them")
+    p.add_argument("--on-short", choices=("skip", "fail"), default="skip",
+                   help="documents under --min-tokens: skip and count them (default) or stop with file:line")
+    p.add_argument("--no-eos", action="store_true", help="do not append the EOS token to each document")
+    p.add_argument("--max-tokens", type=int, help="stop after about this many tokens (a slice of a large corpus)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--overwrite", action="store_true", help="replace prepared data in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _eval_common(p: argparse.ArgumentParser, lengths: str | None, modes: bool = True) -> None:
+    _model_args(p)
+    if lengths:
+        p.add_argument("--lengths", default=lengths, help=f"context lengths in tokens, k/m suffixes (default {lengths})")
+        p.add_argument("--samples", type=int, default=1, help="samples per length (and depth) (default 1)")
+    if modes:
+        p.add_argument("--modes", default="reconstruct,manual", help="RCC instruction modes (default both)")
+        p.add_argument("--max-new-tokens", type=int, help="the answer's token budget (default: the task's)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the baselines full, recent and kvpress on the same samples")
+    p.add_argument("--baselines", help="a subset of the baselines, e.g. full,recent")
+    p.add_argument("--kvpress-press", default="KnormPress", help="kvpress press for the kvpress baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of keys, offsets and spans (default 0)")
+    p.add_argument("-o", "--output", help="JSON result file (default runs/eval-TASK.json)")
+    p.add_argument("--plot", help="PNG file (default: beside the JSON)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    depths = ("--depths", "0,0.25,0.5,0.75,1")
+    t = sub.add_parser("passkey", help="pass-key retrieval at context lengths x depths")
+    _eval_common(t, "4k")
+    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
+    t = sub.add_parser("needle", help="a needle sentence hidden in your own haystack text")
+    _eval_common(t, "4k")
+    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
+    t.add_argument("--haystack", required=True, help="UTF-8 text file to hide the needle in")
+    t.add_argument("--needle", required=True, help="the sentence to hide, e.g. 'The secret number is 42.'")
+    t.add_argument("--question", required=True, help="the question about it")
+    t.add_argument("--answer", required=True, help="the expected answer")
+    t = sub.add_parser("reconstruct", help="reproduce compressed held-out text: BLEU-4 and exact prefix")
+    _eval_common(t, "1k,4k", modes=False)
+    t.add_argument("--text", required=True, help="UTF-8 held-out text file")
+    t.add_argument("--cue-tokens", type=int, default=16, help="tokens of the span given as the cue (default 16)")
+    t.add_argument("--target-tokens", type=int, default=64, help="tokens to reproduce after the cue (default 64)")
+    t = sub.add_parser("qa", help="questions from a JSONL file (PwC fields input, prompt, answer)")
+    _eval_common(t, None)
+    t.add_argument("--data", required=True, help="JSONL file with input, prompt, answer")
+    t.add_argument("--limit", type=int, help="only the first N samples")
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    for action in p._actions:  # one window at a time: the memory floor (spec section 4)
+        if action.dest == "window_batch_size":
+            action.default, action.help = 1, "windows encoded per step (default 1: the memory floor)"
+    p.add_argument("--lengths", default="2k,4k,8k,16k,32k", help="context lengths (default 2k,4k,8k,16k,32k)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    p.add_argument("--kinds", default="rcc,backbone", help="what to measure (default rcc,backbone)")
+    p.add_argument("--backbone-max-length", help="skip the uncompressed backbone above this length, e.g. 32k")
+    p.add_argument("--timeout", type=float, help="seconds per measurement before it counts as failed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="runs/bench.json", help="JSON result file (default runs/bench.json)")
+    p.add_argument("--plot", help="PNG file (default: beside the JSON)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ask": (cmd_ask, _ask_args, "answer a question about a long context"),
     "compress": (cmd_compress, _compress_args, "compress a context into a reusable memory file"),
     "info": (cmd_info, _info_args, "show a memory file's metadata"),
+    "train": (cmd_train, _train_args, "train an RCC model (compression pretraining or instruction fine-tuning)"),
+    "prepare-data": (cmd_prepare_data, _prepare_data_args, "tokenize a corpus into a memory-mapped token folder"),
+    "eval": (cmd_eval, _eval_args, "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines"),
+    "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone"),
 }
 
 

@@ -57,7 +57,7 @@ class DataReport:
         self.skipped[reason] += 1
         if len(self.where[reason]) < _SHOWN:
             self.where[reason].append(message)
-            log.warning("skipped: %s", message)
+            log.info("skipped: %s", message)
 
     def summary(self) -> str:
         parts = [f"kept {self.kept} of {self.read} records"]
@@ -87,12 +87,12 @@ def _jsonl(path: Path, on_error: str, report: DataReport) -> Iterator[tuple[str,
             seen = True
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8").strip())
             except UnicodeDecodeError as err:
                 _policy(BadRecord(f"{where}: not UTF-8 (bad byte at column {err.start + 1})"), on_error, report)
                 continue
             except json.JSONDecodeError as err:
-                _policy(BadRecord(f"{where}: invalid JSON ({err.msg} at column {err.colno})"), on_error, report)
+                _policy(BadRecord(f"{where}: invalid JSON ({err.msg}: column {err.colno})"), on_error, report)
                 continue
             if not isinstance(record, dict):
                 _policy(BadRecord(f"{where}: expected a JSON object, got {type(record).__name__}"), on_error, report)
@@ -111,7 +111,7 @@ def _json_list(path: Path, on_error: str, report: DataReport) -> Iterator[tuple[
         if not path.read_bytes().strip():
             raise RCCError(f"{path}: empty file, no records") from None
         hint = "; for one record per line name the file .jsonl" if err.msg == "Extra data" else ""
-        raise RCCError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}){hint}") from None
+        raise RCCError(f"{path}:{err.lineno}: invalid JSON ({err.msg}: column {err.colno}){hint}") from None
     if not isinstance(data, list):
         raise RCCError(f"{path}: expected a JSON list of records (e.g. HotpotQA's files); "
                        "for one record per line use a .jsonl file")
@@ -180,12 +180,14 @@ def iter_records(sources: str | Iterable[str], on_error: str = "fail",
     """
     report = report if report is not None else DataReport()
     for source in [sources] if isinstance(sources, str) else list(sources):
-        path = Path(source.partition("@")[0])
-        if _is_saved_dataset(path) or (not path.exists() and (source.startswith("hf:") or "/" not in source)):
+        path = Path(source)
+        if not path.exists() and Path(source.partition("@")[0]).exists():
+            path = Path(source.partition("@")[0])  # a saved dataset folder with @SPLIT
+        if _is_saved_dataset(path) or (source.startswith("hf:") and not path.exists()):
             yield from _hf(source)
             continue
         if not path.exists():
-            raise RCCError(f"{source}: no such file or folder (Hugging Face datasets are written hf:NAME)")
+            raise RCCError(f"{source}: no such file or folder (a Hugging Face hub dataset is written hf:NAME)")
         files = [path] if path.is_file() else _files(path, RECORD_SUFFIXES)
         if not files:
             raise RCCError(f"{path}: no .jsonl or .json files in this folder")
@@ -320,13 +322,14 @@ def load_tokenizer(spec: str):
     Raises:
         RCCError: when it cannot be loaded.
     """
-    from .backbones import EMBEDDED, embedded_smollm2
-
-    if spec == EMBEDDED:
-        return embedded_smollm2(fresh=False)[1]
     from transformers import AutoTokenizer
 
+    from .backbones import EMBEDDED, embedded_smollm2_file
+
     try:
+        if spec == EMBEDDED:  # the tokenizer alone, without dequantising the weights
+            path = embedded_smollm2_file()
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:
         raise RCCError(f"cannot load tokenizer {spec!r}: {str(err).splitlines()[0]}") from None
@@ -352,27 +355,22 @@ def _text_chunks(path: Path, size: int = 1 << 20) -> Iterator[str]:
 def _documents(inputs: list[str], text_field: str, on_error: str, report: DataReport) -> Iterator[tuple[str, object]]:
     """``(location, text or iterator of text chunks)`` for every input document."""
     for source in inputs:
-        path = Path(source.partition("@")[0])
-        files = []
-        if path.is_dir() and not _is_saved_dataset(path):
+        path = Path(source)
+        if path.is_file():
+            files = [path]
+        elif path.is_dir() and not _is_saved_dataset(path):
             files = _files(path, RECORD_SUFFIXES + TEXT_SUFFIXES)
             if not files:
                 raise RCCError(f"{path}: no .txt, .jsonl or .json files in this folder")
-        elif path.is_file():
-            files = [path]
-        if not files:
-            records = iter_records(source, on_error, report)
-        else:
-            records = None
-        if records is not None:
-            yield from _record_texts(records, text_field, on_error, report)
+        else:  # saved dataset or hf:NAME
+            yield from _record_texts(iter_records(source, on_error, report), text_field, on_error, report)
             continue
         for f in files:
             if f.suffix in RECORD_SUFFIXES:
                 yield from _record_texts(iter_records(str(f), on_error, report), text_field, on_error, report)
+            elif f.stat().st_size == 0:
+                raise RCCError(f"{f}: empty file")
             else:
-                if f.stat().st_size == 0:
-                    raise RCCError(f"{f}: empty file")
                 yield str(f), _text_chunks(f)
 
 
@@ -391,7 +389,7 @@ def _record_texts(records, text_field: str, on_error: str, report: DataReport):
 def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field: str = "text",
                  eval_fraction: float = 0.01, min_tokens: int = 2048, on_error: str = "fail",
                  on_short: str = "skip", append_eos: bool = True, seed: int = 0, overwrite: bool = False,
-                 progress: bool = True, batch_docs: int = 256) -> dict:
+                 progress: bool = True, batch_docs: int = 256, max_tokens: int | None = None) -> dict:
     """Tokenize documents into a memory-mapped token folder with a held-out split.
 
     Writes ``train.bin``/``train.idx`` and ``eval.bin``/``eval.idx`` (a random
@@ -405,6 +403,8 @@ def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field
         min_tokens: documents with fewer tokens (usually one window W) are
             skipped and counted, never padded; ``on_short="fail"`` stops instead.
         on_error: ``"fail"`` or ``"skip"`` malformed records (bad JSON, no text field).
+        max_tokens: stop once about this many tokens are written (e.g. a 10 GB
+            slice of a streamed corpus); None reads everything.
     Returns:
         the ``meta.json`` content (counts of documents, tokens and what was skipped).
     Raises:
@@ -421,6 +421,8 @@ def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field
     if not 0.0 <= eval_fraction < 1.0:
         raise RCCError(f"eval fraction must be within [0, 1); got {eval_fraction}")
     (output / META_NAME).unlink(missing_ok=True)
+    created = not output.exists()
+    min_tokens = max(1, min_tokens)
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
     eos = tokenizer.eos_token_id if append_eos else None
@@ -464,17 +466,21 @@ def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field
             pending.clear()
 
         for where, text in _documents(list(inputs), text_field, on_error, report):
+            if max_tokens is not None and sum(w.tokens for w in writers.values()) >= max_tokens:
+                break
             if isinstance(text, str):
                 pending.append((where, text))
                 if len(pending) >= batch_docs:
                     flush()
             else:
                 flush()
-                store(where, (ids for ids in encode(list(text))))
+                store(where, (encode([chunk])[0] for chunk in text))
         flush()
     except BaseException:
         for w in writers.values():
             w.abort()
+        if created and not any(output.iterdir()):
+            output.rmdir()
         raise
     finally:
         bar.close()
@@ -495,6 +501,7 @@ def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field
         "eval_fraction": eval_fraction,
         "seed": seed,
         "sources": [str(s) for s in inputs],
+        "max_tokens": max_tokens,
         "splits": {s: {"docs": w.docs, "tokens": w.tokens} for s, w in writers.items()},
         "report": report.to_dict(),
     }
@@ -571,7 +578,7 @@ class PretrainBatches(torch.utils.data.Dataset):
         for row in range(b):
             recon = rng.random() < self.recon
             start = self._start(n if recon else n + T, rng)
-            seq = np.asarray(self.tokens[start : start + n + (0 if recon else T)], dtype=np.int64)
+            seq = np.asarray(self.tokens.tokens[start : start + n + (0 if recon else T)], dtype=np.int64)
             context[row] = seq[:n]
             if recon:
                 s = int(rng.integers(0, n - T + 1))
@@ -625,8 +632,8 @@ def qa_fields(record: dict, where: str) -> tuple[str, str, str] | tuple[list, li
             if f not in record:
                 raise BadRecord(f"{where}: missing field {f!r} ({kind} records need {', '.join(fields)})")
             if not isinstance(record[f], types):
-                raise BadRecord(f"{where}: field {f!r} must be {types.__name__ if isinstance(types, type) else 'text'}, "
-                                f"got {type(record[f]).__name__}")
+                want = "text" if types is str else "a list of token ids"
+                raise BadRecord(f"{where}: field {f!r} must be {want}, got {type(record[f]).__name__}")
         return [record[f] for f in fields]
 
     if "context_ids" in record:
@@ -737,7 +744,6 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
     bar.close()
     if not examples:
         raise RCCError(f"no usable fine-tuning example in {sources}: {report.summary()}")
-    log.info("fine-tuning data: %s", report.summary())
     return examples, report
 
 

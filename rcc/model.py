@@ -438,7 +438,8 @@ class RCCModel(nn.Module):
             RCCError: on an empty prompt, a memory from another model, or positions
             beyond an absolute-position decoder.
         """
-        memory = context if isinstance(context, CompressedContext) else self.compress(context, window_batch_size)
+        made_here = not isinstance(context, CompressedContext)
+        memory = self.compress(context, window_batch_size) if made_here else context
         self.check_memory(memory)
         prompt = _as_batch(prompt_ids, "prompt_ids").to(self.device)
         if prompt.shape[1] == 0:
@@ -448,7 +449,17 @@ class RCCModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(prompt)
         attention_mask = attention_mask.to(self.device)
-        cache = memory.cache(b, self.device, self.dtype)
+        if made_here and b == memory.batch_size:
+            # a memory made for this call alone is moved into the cache layer by layer
+            # (not copied whole), so the slots are held once (spec section 4)
+            from transformers import DynamicCache
+
+            kv, memory, cache = memory.kv, None, DynamicCache()
+            for i in range(len(kv)):
+                (k, v), kv[i] = kv[i], None
+                cache.update(k, v, i)
+        else:
+            cache = memory.cache(b, self.device, self.dtype)
         # Slot positions are already in the cache; generate() skips cached
         # positions of input_ids, so they only need placeholder ids.
         placeholder = torch.zeros(b, P, dtype=prompt.dtype, device=self.device)

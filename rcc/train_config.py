@@ -46,8 +46,10 @@ class TrainConfig:
     Data:
         task: ``"pretrain"`` (compression pretraining on a token folder from
             ``rcc prepare-data``) or ``"finetune"`` (QA records, JSONL/JSON/HF).
-        train_data / eval_data: pretrain: a prepared folder (eval defaults to
-            its held-out split); finetune: file(s), folders or ``hf:NAME``.
+        train_data / eval_data: pretrain: a prepared folder (evaluation uses
+            the held-out split of ``eval_data``, else of ``train_data``; a folder
+            prepared with ``--eval-fraction 0`` is used whole); finetune:
+            file(s), folders or ``hf:NAME[:CONFIG][@SPLIT]``.
         min_windows / max_windows: pretrain contexts have c windows, c uniform
             in [min, max] per micro-batch; finetune skips records whose text to
             compress needs more than ``max_windows`` windows.
@@ -76,7 +78,7 @@ class TrainConfig:
 
     Run:
         output_dir, seed, log_every, eval_every (0: only at the end),
-        eval_batches, save_every (0: only at the end), keep_checkpoints,
+        eval_batches (0: no evaluation), save_every (0: only at the end), keep_checkpoints,
         resume (``"auto"``: continue from the newest checkpoint in
         ``output_dir``; ``"never"``; or a checkpoint folder), num_workers,
         progress, tensorboard.
@@ -166,14 +168,14 @@ class TrainConfig:
         if self.pooling is not None and self.pooling not in ("last", "mean"):
             raise RCCError(f"pooling must be 'last' or 'mean'; got {self.pooling!r}")
         positive = ("lora_r", "min_windows", "max_windows", "target_tokens", "max_decoder_tokens", "batch_size",
-                    "grad_accum", "log_every", "eval_batches", "keep_checkpoints")
+                    "grad_accum", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
         for name in ("window", "ratio", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "num_workers", "cue_min", "weight_decay",
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers", "cue_min", "weight_decay",
                      "max_grad_norm", "lr_encoder", "lr_decoder", "lr_glue", "lr", "lora_dropout"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -223,32 +225,46 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
-        """Read a YAML (or JSON) file and apply ``key=value`` overrides.
+    def load(cls, source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """A config from a YAML (or JSON) file or a dict, with ``key=value`` overrides.
 
         Values are parsed as YAML (``lr=3e-4``, ``resume=never``,
         ``lora_target_modules=[q_proj,v_proj]``); ``backbone.hidden_size=32``
         sets one key of a dict-valued option.
 
         Raises:
-            RCCError: on an unreadable file, bad YAML or a malformed override.
+            RCCError: on an unreadable file, bad YAML, a malformed override or an invalid value.
         """
-        data: dict[str, Any] = {}
-        if path is not None:
-            data = read_yaml(path)
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise RCCError(f"override {item!r} is not KEY=VALUE (e.g. lr=3e-4)")
-            value = _yaml().safe_load(raw) if raw.strip() else None
-            *parents, leaf = key.split(".")
-            node = data
-            for part in parents:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
-                node = node[part]
-            node[leaf] = value
-        return cls.from_dict(data)
+        if isinstance(source, TrainConfig):
+            source = source.to_dict()
+        data = dict(source) if isinstance(source, dict) else read_yaml(source) if source is not None else {}
+        return cls.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``data`` with ``key=value`` / ``key.sub=value`` strings applied (values parsed as YAML).
+
+    Raises:
+        RCCError: on an item that is not KEY=VALUE or a value that is not valid YAML.
+    """
+    data = json.loads(json.dumps(data))  # a deep copy; nested dicts are edited below
+    yaml = _yaml()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RCCError(f"override {item!r} is not KEY=VALUE (e.g. lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise RCCError(f"override {item!r}: the value is not valid YAML; quote it") from None
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return data
 
 
 def _yaml():
@@ -316,7 +332,8 @@ def _check_types(cfg: TrainConfig) -> None:
             except ValueError:
                 pass
         if not _accepts(value, hints[f.name]):
-            want = str(hints[f.name]).replace("typing.", "")
-            raise RCCError(f"training option {f.name} must be {want}; got {value!r} ({type(value).__name__})")
+            want = " or ".join("null" if h is type(None) else getattr(h, "__name__", str(h))
+                               for h in (typing.get_args(hints[f.name]) or (hints[f.name],)))
+            raise RCCError(f"{f.name} must be {want}; got {value!r} ({type(value).__name__})")
         if hints[f.name] in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import RCCError
 from ..prompts import MODES
@@ -155,6 +156,9 @@ class EvalConfig:
         missing = [f"--{n}" for n in need.get(self.task, ()) if not getattr(self, n)]
         if missing:
             raise RCCError(f"the {self.task} task needs {', '.join(missing)}")
+        for name in need.get(self.task, ()):
+            if name in ("haystack", "text", "data") and not Path(getattr(self, name)).is_file():
+                raise RCCError(f"--{name} {getattr(self, name)}: no such file")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

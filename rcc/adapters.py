@@ -1,0 +1,119 @@
+"""LoRA adapters (peft) on a backbone, injected in place.
+
+``peft.inject_adapter_in_model`` adds LoRA layers inside the backbone without
+wrapping it, so the model keeps its class and :mod:`rcc.hooks` finds its layers
+as before. A checkpoint then stores only the adapter weights and their config
+(:mod:`rcc.checkpoint`), and loading re-applies them to the base backbone.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import RCCError
+
+ADAPTER = "default"
+
+
+def _lora_layer_type():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        raise RCCError("LoRA needs the peft package: pip install 'rcc-llm[train]'") from None
+    return LoraLayer
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> LoRA-wrapped layer (empty when peft is absent or nothing is wrapped)."""
+    if not hasattr(model, "peft_config"):
+        return {}
+    layer_type = _lora_layer_type()
+    return {name: m for name, m in model.named_modules() if isinstance(m, layer_type)}
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             target_modules: list[str] | None = None) -> dict:
+    """Inject LoRA layers into ``model`` in place; returns their config (see :func:`lora_config`).
+
+    ``target_modules=None`` uses peft's default for the architecture (e.g.
+    ``query_key_value`` for GPT-NeoX, ``q_proj``/``v_proj`` for Llama).
+
+    Raises:
+        RCCError: when peft is missing or finds no module to adapt.
+    """
+    _lora_layer_type()
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as err:
+        raise RCCError(f"cannot add LoRA to {type(model).__name__}: {str(err).splitlines()[0]}; "
+                       "set lora_target_modules to names of its linear layers") from None
+    return lora_config(model)
+
+
+def lora_config(model: nn.Module) -> dict | None:
+    """The JSON-serialisable settings of the adapters in ``model`` (None without any)."""
+    if not has_lora(model):
+        return None
+    c = model.peft_config[ADAPTER]
+    targets = c.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    return {"r": c.r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+            "target_modules": targets, "bias": c.bias}
+
+
+def lora_state(model: nn.Module) -> dict:
+    """The adapter tensors of ``model`` (keys as in its ``state_dict``)."""
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def apply_lora(model: nn.Module, config: dict, state: dict, what: str = "backbone") -> None:
+    """Re-create saved adapters on a base ``model`` and load their weights.
+
+    Raises:
+        RCCError: when the saved tensors do not match the adapters.
+    """
+    _lora_layer_type()
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(**config), model, adapter_name=ADAPTER)
+    own = lora_state(model)
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise RCCError(f"{what}: adapter weights do not match (missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+def merged_state(model: nn.Module) -> dict:
+    """``model.state_dict()`` as if the adapters were merged: plain backbone keys,
+    base weights plus the LoRA update, no adapter tensors. ``model`` is unchanged."""
+    layers = lora_layers(model)
+    state = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        if "lora_" in key:
+            continue
+        prefix, _, leaf = key.rpartition(".base_layer.")
+        if prefix in layers:
+            if leaf == "weight":
+                value = value + layers[prefix].get_delta_weight(ADAPTER).detach().to(value.dtype)
+            key = f"{prefix}.{leaf}"
+        out[key] = value
+    return out
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge the adapters into the base weights and remove them, in place."""
+    for name, layer in lora_layers(model).items():
+        layer.merge(adapter_names=[ADAPTER])
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config

@@ -1,0 +1,444 @@
+"""Memory and speed of RCC against its uncompressed decoder backbone (``rcc bench``).
+
+Each (model kind, context length) point runs in a fresh child process, so
+every peak is that point's alone: the child loads the model, resets the peak
+(``/proc/self/clear_refs`` on Linux CPU, ``reset_peak_memory_stats`` on CUDA),
+then measures one request:
+
+- ``rcc``: ``model.generate(context_ids, prompt)``: compress the context
+  (streaming, ``window_batch_size`` windows at a time, spec section 4), then
+  generate ``new_tokens`` after a short prompt;
+- ``backbone``: the decoder alone (the encoder and the projections are freed
+  first) pre-fills the whole context + prompt and generates ``new_tokens``.
+
+Recorded per point: peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated``
+on GPU), memory after loading, compression time, time to first token (from
+holding the token ids to the first new token: compression + pre-fill for
+RCC, pre-fill for the backbone), decode tokens/s (after the first token).
+The memory slope of each kind is a least-squares line of peak memory against
+context length, in MiB per 1k (1024) tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import RCCError
+from .eval.config import parse_lengths
+
+log = logging.getLogger(__name__)
+
+KINDS = ("rcc", "backbone")
+# glibc raises its mmap threshold after large frees and then keeps freed tensors in
+# its heap, so peak RSS would follow the allocator's history (one window after
+# another grows it) rather than live memory. A fixed threshold maps every large
+# tensor on its own and unmaps it on free: peak RSS then tracks live tensors, as
+# torch.cuda.max_memory_allocated does on a GPU. Applied to both kinds alike.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+_MARK = "RCC_BENCH_RESULT "
+
+
+@dataclass
+class BenchConfig:
+    """What ``rcc bench`` measures; saved in its JSON result.
+
+    Attributes:
+        model: as ``--model`` of the CLI (checkpoint, released layout with
+            ``base_model``, ``embedded:smollm2`` or a backbone for a fresh model).
+        lengths: context lengths in tokens.
+        device, dtype: e.g. ``"cpu"``/``"float32"``, ``"cuda"``/``"bfloat16"``.
+        window, ratio: of a fresh model.
+        window_batch_size: windows RCC encodes per step; 1 keeps one window's
+            activations at a time (the memory floor).
+        new_tokens: tokens generated per request (>= 2 to time decoding).
+        kinds: which of ``rcc`` and ``backbone`` to measure.
+        backbone_max_length: skip the backbone above this length (its pre-fill
+            is quadratic: hours on a CPU at long lengths).
+        timeout_s: per point; a point that runs longer is recorded as failed.
+
+    Raises:
+        RCCError: on bad lengths, kinds or counts.
+    """
+
+    model: str
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768])
+    base_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    window: int = 2048
+    ratio: int = 32
+    window_batch_size: int | None = 1
+    new_tokens: int = 16
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    backbone_max_length: int | None = None
+    seed: int = 0
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.lengths = sorted(set(parse_lengths(self.lengths)))
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise RCCError(f"unknown kinds {bad}; use rcc and/or backbone")
+        if self.new_tokens < 2:
+            raise RCCError("new-tokens must be at least 2 (one for the first token, more to time decoding)")
+        if self.backbone_max_length is not None:
+            self.backbone_max_length = parse_lengths([self.backbone_max_length])[0]
+
+
+# ------------------------------------------------------------ measurement
+def _status_mib(field_name: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"^{field_name}:\s+(\d+)\s+kB", text, re.M)
+    return int(m.group(1)) / 1024 if m else None
+
+
+def reset_peak(device: str) -> tuple[float, str]:
+    """Start a new peak now; returns (current memory in MiB, what is measured)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20, "cuda max_memory_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (and ru_maxrss) to the current RSS
+        return _status_mib("VmRSS") or 0.0, "peak RSS"
+    except OSError:
+        log.warning("cannot reset the peak RSS (no /proc/self/clear_refs): peaks include model loading")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (not reset: includes loading)"
+
+
+def peak_mib(device: str) -> float:
+    """The peak since :func:`reset_peak`: CUDA allocator peak, or peak RSS (VmHWM)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc
+    ``malloc_trim``), so memory freed after loading is not counted in the peak
+    (and is not silently reused, hiding growth)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class _Clock:
+    """A ``generate`` streamer that only notes when each new token arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.start: float | None = None  # when generate began (after RCC's compression)
+
+    def put(self, value) -> None:
+        if self.start is None:  # generate first puts the prompt
+            self.start = time.perf_counter()
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def context_ids(tokenizer, length: int, vocab_size: int, seed: int = 0):
+    """``[1, length]`` context ids: the pass-key filler tiled (random ids without a tokenizer)."""
+    import torch
+
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(1, vocab_size, (1, length), generator=g)
+    from .eval.passkey import FILLER
+
+    unit = tokenizer("".join(FILLER) * 4, add_special_tokens=False)["input_ids"]
+    return torch.tensor([(unit * (length // len(unit) + 1))[:length]])
+
+
+def prompt_ids(tokenizer, vocab_size: int):
+    """``[1, m]``: the manual-mode prompt asking for the pass key."""
+    import torch
+
+    if tokenizer is None:
+        return torch.arange(1, 9).remainder(vocab_size - 1).add(1).unsqueeze(0)
+    from .prompts import build
+
+    return tokenizer(build("", "What is the pass key?", "manual")[1], add_special_tokens=False,
+                     return_tensors="pt").input_ids
+
+
+def _kv_bytes_per_position(decoder, dtype_bytes: int) -> int:
+    cfg = decoder.config
+    layers = cfg.num_hidden_layers
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * layers * heads * head_dim * dtype_bytes
+
+
+def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_size: int | None = 1,
+            seed: int = 0, free_encoder: bool = False) -> dict:
+    """Measure one request of ``kind`` on a ``length``-token context, in this process.
+
+    Args:
+        model: an :class:`~rcc.RCCModel`.
+        kind: ``"rcc"`` or ``"backbone"`` (``model.decoder`` alone).
+        free_encoder: for ``backbone``, drop the encoder and projections first
+            so the peak holds only the decoder's weights (the model is unusable after).
+    Returns:
+        a point: ``peak_mib``, ``loaded_mib``, ``compress_s``, ``ttft_s``,
+        ``decode_tok_s``, ``kv_positions``, ``kv_cache_mib`` ...
+    """
+    import torch
+
+    device = str(model.device)
+    tok = model.tokenizer
+    vocab = model.decoder.config.vocab_size
+    ids = context_ids(tok, length, vocab, seed).to(model.device)
+    prompt = prompt_ids(tok, vocab).to(model.device)
+    dtype_bytes = torch.empty((), dtype=model.dtype).element_size()
+    per_pos = _kv_bytes_per_position(model.decoder, dtype_bytes)
+    decoder = model.decoder
+    point = {"kind": kind, "length": length, "new_tokens": new_tokens}
+    if kind == "backbone" and free_encoder:
+        for name in ("encoder", "G", "A"):
+            delattr(model, name)
+    release_memory()
+    loaded, what = reset_peak(device)
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if kind == "rcc":
+            # context ids, not a memory: a one-off request, whose slots generate holds once
+            out = model.generate(ids, prompt, max_new_tokens=new_tokens, eos_token_id=None, streamer=clock,
+                                 window_batch_size=window_batch_size)
+            t1 = clock.start
+            positions = model.config.slots_for(length)
+            enc = model.encoder.config
+            point["all_encoder_states_mib"] = round(
+                (enc.num_hidden_layers + 1) * length * enc.hidden_size * dtype_bytes / 2**20, 1)
+        else:
+            full = torch.cat([ids, prompt], dim=1)
+            pad = decoder.generation_config.pad_token_id
+            out = decoder.generate(input_ids=full, attention_mask=torch.ones_like(full), do_sample=False,
+                                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
+                                   pad_token_id=pad if pad is not None else 0)
+            out = out[:, full.shape[1]:]
+            t1 = t0
+            positions = length
+    peak = peak_mib(device)
+    times = clock.times
+    total_positions = positions + prompt.shape[1] + new_tokens
+    point.update({
+        "ok": True,
+        "tokens": length,
+        "kv_positions": positions,
+        "generated": int(out.shape[1]),
+        "peak_mib": round(peak, 1),
+        "loaded_mib": round(loaded, 1),
+        "growth_mib": round(peak - loaded, 1),
+        "kv_cache_mib": round(total_positions * per_pos / 2**20, 3),
+        "compress_s": round(t1 - t0, 3) if kind == "rcc" else None,
+        "ttft_s": round(times[0] - t0, 3) if times else None,
+        "decode_tok_s": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
+        "memory_measure": what,
+    })
+    return point
+
+
+def _child(spec: dict) -> dict:
+    from .checkpoint import load_model
+    import torch
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model = load_model(spec["model"], base_model=spec.get("base_model"), dtype=getattr(torch, spec["dtype"]),
+                       device=spec["device"], window=spec["window"], ratio=spec["ratio"])
+    # the embedded loader keeps a parsed copy of the GGUF weights for later loads; this
+    # process loads once, so free it: it is a loader cache, not memory RCC needs
+    from . import backbones
+
+    backbones._EMBEDDED_CACHE.clear()
+    return measure(model, spec["kind"], spec["length"], spec["new_tokens"], spec["window_batch_size"],
+                   spec["seed"], free_encoder=True)
+
+
+def _run_child(spec: dict, timeout: float | None) -> dict:
+    import rcc
+
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    env.update(ALLOCATOR_ENV)
+    root = str(Path(rcc.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    base = {"kind": spec["kind"], "length": spec["length"], "ok": False}
+    try:
+        res = subprocess.run([sys.executable, "-m", "rcc.bench", "--child", json.dumps(spec)], capture_output=True,
+                             text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {timeout} s"}
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    if res.returncode < 0:
+        why = f"killed by signal {-res.returncode}" + (" (out of memory?)" if res.returncode == -9 else "")
+    else:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit status {res.returncode}"
+    return {**base, "error": why}
+
+
+def fit_slope(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares ``(slope, intercept)`` of y on x; None with fewer than two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
+
+
+def summarize(points: list[dict]) -> dict:
+    """Per kind: slope (MiB per 1k tokens) and intercept of peak memory over
+    the lengths where every kind succeeded (all its lengths if only one kind)."""
+    ok = [p for p in points if p.get("ok")]
+    kinds = list(dict.fromkeys(p["kind"] for p in ok))
+    common = sorted(set.intersection(*[{p["length"] for p in ok if p["kind"] == k} for k in kinds])) if kinds else []
+    out: dict = {"common_lengths": common}
+    for k in kinds:
+        use = [p for p in ok if p["kind"] == k and (len(kinds) == 1 or p["length"] in common)]
+        fit = fit_slope([(p["length"] / 1024, p["peak_mib"]) for p in use])
+        out[k] = {"points": len(use), "slope_mib_per_1k": round(fit[0], 3) if fit else None,
+                  "intercept_mib": round(fit[1], 1) if fit else None}
+    r, b = out.get("rcc", {}).get("slope_mib_per_1k"), out.get("backbone", {}).get("slope_mib_per_1k")
+    if r is not None and b is not None:
+        out["slope_ratio"] = round(b / r, 1) if r > 0 else float("inf")
+    return out
+
+
+def run_bench(cfg: BenchConfig, output: str | Path | None = None, progress=None, isolate: bool = True,
+              model=None) -> dict:
+    """Measure every (length, kind) point and return (and write) the result.
+
+    Args:
+        cfg: the :class:`BenchConfig`.
+        output: JSON file to write (atomically).
+        progress: called with a one-line message after each point.
+        isolate: a fresh child process per point (the default, needed for
+            honest peaks); False measures in this process with ``model``
+            (quick checks; peaks then include whatever earlier points left).
+        model: the loaded model for ``isolate=False``.
+    Returns:
+        ``{"config", "model", "device", "memory_measure", "machine", "points", "summary", ...}``.
+    """
+    from .eval.runner import versions, write_json
+
+    if not isolate and model is None:
+        raise RCCError("run_bench(isolate=False) needs the loaded model")
+    points = []
+    spec = {k: v for k, v in asdict(cfg).items() if k not in ("lengths", "kinds", "timeout_s", "backbone_max_length")}
+    for length in cfg.lengths:
+        for kind in cfg.kinds:
+            if kind == "backbone" and cfg.backbone_max_length and length > cfg.backbone_max_length:
+                point = {"kind": kind, "length": length, "ok": False,
+                         "error": f"skipped: above --backbone-max-length {cfg.backbone_max_length}"}
+            elif isolate:
+                point = _run_child({**spec, "kind": kind, "length": length}, cfg.timeout_s)
+            else:
+                point = measure(model, kind, length, cfg.new_tokens, cfg.window_batch_size, cfg.seed)
+            points.append(point)
+            if progress is not None:
+                progress(_point_line(point))
+    first = next((p for p in points if p.get("ok")), {})
+    result = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(cfg),
+        "model": {"spec": cfg.model, "window": cfg.window, "ratio": cfg.ratio, "dtype": cfg.dtype,
+                  "base_model": cfg.base_model},
+        "device": cfg.device,
+        "memory_measure": first.get("memory_measure", "peak RSS" if cfg.device == "cpu" else "cuda max_memory_allocated"),
+        "allocator_env": ALLOCATOR_ENV if isolate else {},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count()},
+        "versions": versions(),
+        "seed": cfg.seed,
+        "points": points,
+        "summary": summarize(points),
+    }
+    if output is not None:
+        write_json(output, result)
+    return result
+
+
+def _point_line(p: dict) -> str:
+    if not p.get("ok"):
+        return f"{p['kind']:8s} {p['length']:>8d} tokens: {p.get('error')}"
+    return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, ttft {p['ttft_s']} s, "
+            f"{p['decode_tok_s']} tok/s")
+
+
+def format_table(result: dict) -> str:
+    """The points as a table, then each kind's memory slope."""
+    from .eval.runner import render_table
+
+    header = ["tokens", "model", "peak MiB", "after load MiB", "growth MiB", "KV positions", "compress s",
+              "TTFT s", "decode tok/s"]
+    rows = []
+    for p in result["points"]:
+        name = "RCC" if p["kind"] == "rcc" else "backbone"
+        if not p.get("ok"):
+            rows.append([p["length"], name, p.get("error", "failed")] + [""] * 6)
+            continue
+        rows.append([p["length"], name, p["peak_mib"], p["loaded_mib"], p["growth_mib"], p["kv_positions"],
+                     "-" if p["compress_s"] is None else p["compress_s"], p["ttft_s"], p["decode_tok_s"]])
+    text = render_table(header, rows)
+    s = result["summary"]
+    for kind, name in (("rcc", "RCC"), ("backbone", "backbone")):
+        if s.get(kind, {}).get("slope_mib_per_1k") is not None:
+            text += f"\nmemory slope {name}: {s[kind]['slope_mib_per_1k']:.3f} MiB per 1k tokens"
+    if "slope_ratio" in s:
+        text += f"\nbackbone slope / RCC slope: {s['slope_ratio']}x (over {', '.join(map(str, s['common_lengths']))} tokens)"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: ``python -m rcc.bench --child SPEC_JSON``."""
+    parser = argparse.ArgumentParser(prog="python -m rcc.bench", description="one measurement of `rcc bench`")
+    parser.add_argument("--child", required=True, help="the point's spec as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        point = _child(json.loads(args.child))
+    except RCCError as err:
+        print(f"rcc: error: {err}", file=sys.stderr)
+        return 2
+    print(_MARK + json.dumps(point), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""``rcc train``: compression pretraining and instruction fine-tuning (spec section 3).
+
+A plain PyTorch loop on Hugging Face Accelerate, top to bottom:
+
+    config -> model (fresh backbones or ``init_from``; full / frozen / LoRA per side)
+    -> data (deterministic micro-batches, :mod:`rcc.data`) -> AdamW + warm-up/cosine
+    -> [resume from the newest checkpoint] -> loop over optimiser steps:
+       grad_accum micro-batches, clip, step, log, evaluate, checkpoint
+    -> ``<output_dir>/final``, which :meth:`rcc.RCCModel.from_pretrained` loads.
+
+The same code runs on CPU, one GPU and many GPUs or nodes: start it with
+``accelerate launch`` (DDP, FSDP or DeepSpeed ZeRO from an accelerate config
+file, see ``configs/accelerate/``). Micro-batch ``i`` of the run is global
+batch ``i * processes + rank``, so a checkpoint's data position is one integer
+and a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import adapters
+from .data import FinetuneBatches, PretrainBatches, TokenFile, load_examples, load_tokenizer, split_examples
+from .errors import RCCError
+from .memory import atomic_write_text
+from .model import RCCModel
+from .train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+CONFIG_NAME = "train_config.json"
+# options that may change between a run and its resumption without a warning
+_RESUMABLE = {"resume", "progress", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+              "num_workers", "tensorboard"}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained :class:`RCCModel` (unwrapped, on the training device).
+        final_dir: where it was saved (``<output_dir>/final``).
+        step: optimiser steps done.
+        metrics: the last logged training and evaluation values.
+        is_main: whether this is the main process (the one that saved).
+    """
+
+    model: RCCModel
+    final_dir: Path
+    step: int
+    metrics: dict
+    is_main: bool = True
+
+
+# ------------------------------------------------------------------ model
+def _backbone(spec, dtype: torch.dtype, seed: int):
+    """``(causal LM, tokenizer or None, source or None)`` from a backbone spec."""
+    from .backbones import EMBEDDED, load_backbone
+
+    if isinstance(spec, dict):  # inline config: random weights (tests, toy runs)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = dict(spec)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise RCCError("an inline backbone config needs model_type (e.g. llama, gpt_neox)")
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except (ValueError, KeyError) as err:
+            raise RCCError(f"inline backbone config: {err}") from None
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype), None, None
+    source = spec if spec == EMBEDDED or not Path(spec).exists() else str(Path(spec).resolve())
+    model, tok = load_backbone(source, dtype)
+    return model, tok, source
+
+
+def build_model(cfg: TrainConfig) -> RCCModel:
+    """The model a config describes, with LoRA added and parameters frozen as asked.
+
+    A side trained in full no longer equals its source backbone, so its
+    ``encoder_source``/``decoder_source`` is cleared (the saved model then
+    carries the weights); frozen and LoRA sides keep it (the saved model
+    carries only adapters, G and A_i).
+
+    Raises:
+        RCCError: on unloadable backbones or settings that contradict ``init_from``.
+    """
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.init_from:
+        model = RCCModel.from_pretrained(cfg.init_from, dtype=dtype)
+        for name in ("window", "ratio", "pooling"):
+            want, have = getattr(cfg, name), getattr(model.config, name)
+            if want is not None and want != have:
+                raise RCCError(f"init_from {cfg.init_from} has {name}={have!r} but the config asks for {want!r}; "
+                               f"remove {name} from the config or start from fresh backbones")
+    else:
+        enc, tok, enc_src = _backbone(cfg.encoder_backbone or cfg.backbone, dtype, cfg.seed)
+        dec, tok_d, dec_src = _backbone(cfg.decoder_backbone or cfg.backbone, dtype, cfg.seed)
+        model = RCCModel.from_backbones(enc, dec, window=cfg.window or 2048, ratio=cfg.ratio or 32,
+                                        pooling=cfg.pooling or "last", tokenizer=tok or tok_d,
+                                        encoder_source=enc_src, decoder_source=dec_src)
+    if cfg.tokenizer:
+        model.tokenizer = load_tokenizer(cfg.tokenizer)
+    for side, mode in (("encoder", cfg.train_encoder), ("decoder", cfg.train_decoder)):
+        lm = getattr(model, side)
+        if mode == "full" and adapters.has_lora(lm):
+            adapters.merge_lora(lm)  # adapters of an earlier stage become part of the weights
+        if mode == "lora" and not adapters.has_lora(lm):
+            adapters.add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        for name, p in lm.named_parameters():
+            p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
+        if mode == "full":
+            setattr(model.config, f"{side}_source", None)
+        if cfg.gradient_checkpointing and mode != "frozen":
+            # non-reentrant: the hooks' additions reach the layers by closure, not as inputs
+            enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head, emb = model.encoder.get_output_embeddings(), model.encoder.get_input_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        head.weight.requires_grad_(False)  # the encoder's LM head never runs (DDP would wait for its gradient)
+    for p in [*model.G.parameters(), *model.A.parameters()]:
+        p.requires_grad_(True)
+    return model
+
+
+def _set_modes(model, cfg: TrainConfig, training: bool, accelerator) -> None:
+    """Train mode for trained sides; a frozen side stays in eval mode (no dropout)."""
+    model.train(training)
+    plain = accelerator.unwrap_model(model)
+    for side, mode in (("encoder", cfg.train_encoder), ("decoder", cfg.train_decoder)):
+        if mode == "frozen":
+            getattr(plain, side).eval()
+
+
+def param_groups(model: RCCModel, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: encoder / decoder / glue (G, A_i), each with its learning
+    rate; weight decay on matrices only.
+
+    Raises:
+        RCCError: when nothing is trainable.
+    """
+    lrs = {"encoder": cfg.lr_encoder, "decoder": cfg.lr_decoder, "glue": cfg.lr_glue}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "glue" if name.startswith(("G.", "A.")) else name.split(".", 1)[0]
+        decay = p.ndim >= 2 and cfg.weight_decay > 0
+        group = groups.setdefault((part, decay), {
+            "name": part if decay or cfg.weight_decay == 0 else f"{part}/no_decay", "params": [],
+            "lr": cfg.lr if lrs[part] is None else lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    if not groups:
+        raise RCCError("nothing to train: every parameter is frozen")
+    return list(groups.values())
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``
+    at ``total`` (``step`` = optimiser steps already taken)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def training_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss one micro-batch contributes: the model's mean next-token
+    cross-entropy over counted labels (spec section 3). The training loop and
+    the fixture test both call this."""
+    return model(**batch).loss
+
+
+# ------------------------------------------------------------------- data
+def build_data(cfg: TrainConfig, model: RCCModel):
+    """``(train batches, eval batches or None, number of train batches per epoch or None)``.
+
+    Raises:
+        RCCError: on bad or unusable data, or token ids beyond the model's vocabulary.
+    """
+    window = model.config.window
+    vocab = model.decoder.get_input_embeddings().num_embeddings
+    if cfg.task == "pretrain":
+        if not isinstance(cfg.train_data, str):
+            raise RCCError("pretrain train_data must be one folder written by `rcc prepare-data`")
+        opts = dict(window=window, batch_size=cfg.batch_size, min_windows=cfg.min_windows,
+                    max_windows=cfg.max_windows, target_tokens=cfg.target_tokens, cue_min=cfg.cue_min,
+                    cue_max=cfg.cue_max, reconstruct_fraction=cfg.reconstruct_fraction,
+                    cross_documents=cfg.cross_documents)
+        train_tokens = TokenFile(cfg.train_data, "train")
+        if train_tokens.vocab_size > vocab:
+            raise RCCError(f"{cfg.train_data} was tokenized with a vocabulary of {train_tokens.vocab_size} ids, "
+                           f"the model has {vocab}; prepare it with the model's tokenizer")
+        train = PretrainBatches(train_tokens, seed=cfg.seed, **opts)
+        evaluation = None
+        if cfg.eval_batches:
+            eval_tokens = TokenFile(cfg.eval_data or cfg.train_data, "eval")
+            if cfg.eval_data and eval_tokens.num_docs == 0:  # a folder prepared as a whole for evaluation
+                eval_tokens = TokenFile(cfg.eval_data, "train")
+            if eval_tokens.num_docs == 0:
+                log.warning("%s has an empty eval split; no evaluation", eval_tokens.folder)
+            else:
+                evaluation = PretrainBatches(eval_tokens, seed=cfg.seed + 1, **opts)
+        return train, evaluation, None
+    opts = dict(mode=cfg.instruction_mode, window=window, max_windows=cfg.max_windows,
+                max_decoder_tokens=cfg.max_decoder_tokens, answer_suffix=cfg.answer_suffix, on_error=cfg.on_error,
+                seed=cfg.seed, progress=cfg.progress)
+    examples, report = load_examples(cfg.train_data, model.tokenizer, **opts)
+    (log.warning if report.skipped else log.info)("fine-tuning data: %s", report.summary())
+    held = load_examples(cfg.eval_data, model.tokenizer, **opts)[0] if cfg.eval_data else []
+    if not held:
+        examples, held = split_examples(examples, cfg.eval_fraction, cfg.seed)
+    top = max(int(max(e.context.max(), e.input_ids.max())) for e in examples + held)
+    if top >= vocab:
+        raise RCCError(f"token id {top} in the fine-tuning data is beyond the model's vocabulary of {vocab}")
+    tok = model.tokenizer
+    pad = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)) if t is not None), 0)
+    train = FinetuneBatches(examples, window=window, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad)
+    evaluation = FinetuneBatches(held, window=window, batch_size=cfg.batch_size, seed=cfg.seed + 1,
+                                 pad_id=pad) if held else None
+    return train, evaluation, len(train)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, batches, count: int, accelerator) -> dict[str, float]:
+    """Token-weighted loss and next-token accuracy over held-out batches 0..count-1.
+
+    Every process runs the same number of forward passes (FSDP needs it);
+    padding batches get weight 0. Accuracy counts labels after the first
+    decoder position (the first label is predicted from the last slot, whose
+    logits the model does not return).
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    for j in range(math.ceil(count / world)):
+        i = j * world + rank
+        batch = _to(batches[i % count], accelerator.device)
+        out = model(**batch)
+        weight = 1.0 if i < count else 0.0
+        labels = batch["labels"]
+        n = (labels != -100).sum()
+        nxt = labels[:, 1:]
+        hit = (out.logits[:, :-1].argmax(-1) == nxt) & (nxt != -100)
+        sums += weight * torch.stack([out.loss.double() * n, n.double(), hit.sum().double(), (nxt != -100).sum().double()])
+    sums = accelerator.reduce(sums, "sum")
+    return {"eval_loss": (sums[0] / sums[1]).item(), "eval_accuracy": (sums[2] / sums[3].clamp(min=1)).item(),
+            "eval_tokens": int(sums[1].item())}
+
+
+# ------------------------------------------------------------ checkpoints
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfig) -> Path:
+    """Model, optimiser, scheduler, RNG states and the data position, written to
+    a temporary folder renamed when complete (a kill never leaves half a checkpoint)."""
+    root = output_dir / "checkpoints"
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".tmp-step-{state['step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / CONFIG_NAME, cfg.to_json())
+        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _resume_point(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    existing = checkpoints(output_dir)
+    if cfg.resume == "never":
+        if existing:
+            raise RCCError(f"{output_dir} already holds checkpoints (newest {existing[-1].name}); pass resume=auto "
+                           "to continue that run, or choose another output_dir")
+        return None
+    if cfg.resume == "auto":
+        return existing[-1] if existing else None
+    path = Path(cfg.resume)
+    if not (path / STATE_NAME).is_file():
+        raise RCCError(f"{path}: not a training checkpoint (no {STATE_NAME})")
+    return path
+
+
+def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
+    try:
+        saved = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    changed = sorted(k for k, v in cfg.to_dict().items() if k not in _RESUMABLE and saved.get(k, v) != v)
+    if changed:
+        log.warning("resuming %s with changed options %s; the run will not repeat an uninterrupted one",
+                    path, ", ".join(changed))
+
+
+def _check_checkpoint_holds(folder: Path, trainable: set[str]) -> None:
+    """Raises RCCError unless the checkpoint's model file has every trainable parameter."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            stored = {k.removeprefix("module.") for k in fh.keys()}
+    except Exception as err:  # missing or truncated file
+        raise RCCError(f"{path}: cannot read the checkpoint's weights ({err})") from None
+    missing = sorted(trainable - stored)
+    if missing:
+        raise RCCError(f"{folder} lacks {len(missing)} of the parameters this config trains (e.g. {missing[0]}); "
+                       "it was written by a run that trained other parts of the model")
+
+
+def _final_model(accelerator, model, cfg: TrainConfig) -> RCCModel:
+    """The trained model as one ordinary module (FSDP / DeepSpeed gather their shards)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state = accelerator.get_state_dict(model)  # full weights on the main process
+        if not accelerator.is_main_process:
+            return accelerator.unwrap_model(model)
+        plain = build_model(cfg)
+        plain.load_state_dict(state)
+        plain.config = accelerator.unwrap_model(model).config
+        return plain
+    return accelerator.unwrap_model(model)
+
+
+def _trainable_summary(model: RCCModel) -> str:
+    parts = {}
+    for name, p in model.named_parameters():
+        part = "glue" if name.startswith(("G.", "A.")) else name.split(".", 1)[0]
+        total, train = parts.get(part, (0, 0))
+        parts[part] = (total + p.numel(), train + (p.numel() if p.requires_grad else 0))
+    return ", ".join(f"{k} {t / 1e6:.2f}M of {n / 1e6:.2f}M" for k, (n, t) in parts.items())
+
+
+# ------------------------------------------------------------------- loop
+def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[str, ...] = (),
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train an RCC model as a config says (the Python form of ``rcc train``).
+
+    Args:
+        config: a :class:`TrainConfig`, a dict of options, or a YAML/JSON file.
+        overrides: ``key=value`` strings applied on top (see :meth:`TrainConfig.load`).
+        on_step: called after every optimiser step (and its logging, evaluation
+            and checkpoint) with the step number and the latest metrics.
+    Returns:
+        :class:`TrainResult`; the model is also saved to ``<output_dir>/final``.
+    Raises:
+        RCCError: on an invalid config, bad data, or an ``output_dir`` that holds
+            another run's checkpoints with ``resume=never``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+    from tqdm.auto import tqdm
+
+    cfg = TrainConfig.load(config, overrides)
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun
+    # on a CPU machine): accelerate runs DDP on gloo only when told cpu=True
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)])
+    main = accelerator.is_main_process
+    output_dir = Path(cfg.output_dir)
+    resume_from = _resume_point(cfg, output_dir)
+    set_seed(cfg.seed)
+
+    # model and data
+    model = build_model(cfg)
+    train_batches, eval_batches, epoch_batches = build_data(cfg, model)
+    world = accelerator.num_processes
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * epoch_batches / (world * cfg.grad_accum))
+    eval_count = min(cfg.eval_batches, len(eval_batches)) if eval_batches is not None else 0
+
+    # optimiser and schedule (stepped once per optimiser step; not handed to
+    # accelerate, which would step it once per process)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    if not sharded:  # FSDP / DeepSpeed write their own (sharded) model files
+        def only_trainable(_models, weights, _folder):
+            """Checkpoints store what is trained: frozen weights come back from the config on resume."""
+            for w in weights:
+                for key in [k for k in w if k.removeprefix("module.") not in trainable]:
+                    del w[key]
+
+        accelerator.register_save_state_pre_hook(only_trainable)
+
+    state = {"step": 0, "micro_step": 0, "tokens": 0, "total_steps": total_steps, "world": world}
+    if resume_from is not None:
+        saved = json.loads((resume_from / STATE_NAME).read_text())
+        if saved["world"] != world:
+            raise RCCError(f"{resume_from} was written by {saved['world']} processes and this run has {world}; "
+                           "resume with the same number of processes")
+        _check_resume_config(resume_from, cfg)
+        if not sharded:
+            _check_checkpoint_holds(resume_from, trainable)
+        accelerator.load_state(str(resume_from), **({} if sharded else {"strict": False}))
+        state.update(saved, total_steps=total_steps)
+        log.info("resumed from %s (step %d)", resume_from, state["step"])
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / CONFIG_NAME, cfg.to_json())
+        log.info("training %s: %s; %d steps of %d x %d x %d micro-batches", cfg.task,
+                 _trainable_summary(accelerator.unwrap_model(model)), total_steps, world, cfg.grad_accum,
+                 cfg.batch_size)
+    writer = None
+    if main and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:
+            log.info("tensorboard is not installed; logging to %s only", output_dir / "log.jsonl")
+
+    # micro-batch i of this process is global batch i * world + rank; the
+    # loader gets its own generator so that it draws nothing from the global
+    # RNG (whose restored state drives dropout after a resume)
+    first = state["micro_step"] * world + accelerator.process_index
+    loader = torch.utils.data.DataLoader(
+        train_batches, batch_size=None, num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda",
+        sampler=range(first, total_steps * cfg.grad_accum * world, world), generator=torch.Generator())
+    batches = iter(loader)
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (main and cfg.progress), unit="step",
+               dynamic_ncols=True, desc=cfg.task)
+    metrics: dict = {}
+    running = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, micro-batches, tokens
+    clock = time.perf_counter()
+    _set_modes(model, cfg, True, accelerator)
+    try:
+        while state["step"] < total_steps:
+            for _ in range(cfg.grad_accum):
+                batch = _to(next(batches), accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = training_loss(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state["micro_step"] += 1
+                running += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=running.device),
+                                        torch.tensor(float(batch["context_ids"].numel() + batch["input_ids"].numel()),
+                                                     dtype=torch.float64, device=running.device)])
+            scheduler.step()
+            state["step"] += 1
+            step = state["step"]
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                total = accelerator.reduce(running, "sum")
+                seconds = time.perf_counter() - clock
+                state["tokens"] += int(total[2].item())
+                metrics = {"step": step, "loss": (total[0] / total[1]).item(),
+                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": total[2].item() / max(seconds, 1e-9),
+                           "tokens": state["tokens"]}
+                running.zero_()
+                clock = time.perf_counter()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                _record(main, output_dir, writer, metrics)
+            if eval_count and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                _set_modes(model, cfg, False, accelerator)
+                result = {"step": step, **evaluate(model, eval_batches, eval_count, accelerator)}
+                _set_modes(model, cfg, True, accelerator)
+                metrics.update(result)
+                _record(main, output_dir, writer, result)
+                if main:
+                    line = (f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy "
+                            f"{result['eval_accuracy']:.3f} ({result['eval_tokens']} tokens)")
+                    bar.write(line) if not bar.disable else log.info(line)
+                clock = time.perf_counter()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+                _save_checkpoint(accelerator, output_dir, dict(state), cfg)
+                clock = time.perf_counter()
+            if on_step is not None:
+                on_step(step, dict(metrics))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    # the result: what was trained, loadable with RCCModel.from_pretrained
+    final = _final_model(accelerator, model, cfg)
+    final_dir = output_dir / "final"
+    if main:
+        final.config.trained = True
+        final.save_pretrained(str(final_dir),
+                              include_backbones=not (final.config.encoder_source and final.config.decoder_source))
+        atomic_write_text(final_dir / CONFIG_NAME, cfg.to_json())
+        log.info("saved %s", final_dir)
+    accelerator.wait_for_everyone()
+    return TrainResult(model=accelerator.unwrap_model(model), final_dir=final_dir, step=state["step"],
+                       metrics=metrics, is_main=main)
+
+
+def _record(main: bool, output_dir: Path, writer, values: dict) -> None:
+    """Append to ``log.jsonl`` (exact floats) and TensorBoard, on the main process."""
+    if not main:
+        return
+    with open(output_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(values) + "\n")
+    if writer is not None:
+        for k, v in values.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k if k.startswith("eval") else f"train/{k}", v, values["step"])
+
+
+def print_config(config: str | Path, overrides: list[str]) -> str:
+    """The resolved config as JSON (``rcc train --print-config``)."""
+    return TrainConfig.load(config, overrides).to_json()
+

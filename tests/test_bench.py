@@ -1,0 +1,100 @@
+"""`rcc bench`: the slope fit, one in-process measurement, and the command end
+to end (one child process per point) on a tiny model."""
+
+import json
+
+import pytest
+
+from rcc.bench import BenchConfig, fit_slope, measure, prompt_ids, summarize
+from rcc.errors import RCCError
+from tests.conftest import tiny_rcc, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_rcc("llama", window=64, ratio=8)
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+def cli(*args):
+    from rcc.cli import main
+
+    return main([str(a) for a in args])
+
+
+def test_slope_fit_and_summary_on_known_points():
+    assert fit_slope([(1, 3.0), (2, 5.0), (4, 9.0)]) == pytest.approx((2.0, 1.0))
+    assert fit_slope([(2, 1.0), (2, 3.0)]) is None
+    points = [
+        {"kind": "rcc", "length": 2048, "ok": True, "peak_mib": 1000.0},
+        {"kind": "backbone", "length": 2048, "ok": True, "peak_mib": 600.0},
+        {"kind": "rcc", "length": 4096, "ok": True, "peak_mib": 1002.0},
+        {"kind": "backbone", "length": 4096, "ok": True, "peak_mib": 700.0},
+        {"kind": "rcc", "length": 8192, "ok": True, "peak_mib": 1006.0},
+        {"kind": "backbone", "length": 8192, "ok": False, "error": "killed"},
+    ]
+    s = summarize(points)
+    assert s["common_lengths"] == [2048, 4096]  # the failed backbone point leaves 8k out of both fits
+    assert s["rcc"]["slope_mib_per_1k"] == pytest.approx(1.0) and s["backbone"]["slope_mib_per_1k"] == pytest.approx(50.0)
+    assert s["slope_ratio"] == pytest.approx(50.0)
+    with pytest.raises(RCCError):
+        BenchConfig(model="m", kinds=["gpu"])
+    with pytest.raises(RCCError):
+        BenchConfig(model="m", new_tokens=1)
+
+
+def test_one_measurement_in_process(model):
+    r = measure(model, "rcc", 640, new_tokens=3, window_batch_size=1)
+    assert r["ok"] and r["kv_positions"] == model.config.slots_for(640) == 80 and r["generated"] == 3
+    assert r["compress_s"] > 0 and r["ttft_s"] >= r["compress_s"] and r["decode_tok_s"] > 0
+    assert r["peak_mib"] >= r["loaded_mib"] > 0
+    b = measure(model, "backbone", 640, new_tokens=3)
+    assert b["kv_positions"] == 640 and b["generated"] == 3 and b["compress_s"] is None
+    m = prompt_ids(model.tokenizer, 300).shape[1]  # the cache holds context (or slots) + prompt + new tokens
+    assert b["kv_cache_mib"] / r["kv_cache_mib"] == pytest.approx((640 + m + 3) / (80 + m + 3), rel=0.01)
+
+
+def test_bench_cli_end_to_end_in_child_processes(model, tmp_path, capsys):
+    ckpt = tmp_path / "model"
+    model.save_pretrained(str(ckpt))
+    out = tmp_path / "bench.json"
+    assert cli("bench", "--model", ckpt, "--device", "cpu", "--lengths", "256,1k,2k", "--new-tokens", "3",
+               "--backbone-max-length", "1k", "-o", out, "--quiet") == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    pts = {(p["kind"], p["length"]): p for p in res["points"]}
+    assert set(pts) == {(k, n) for k in ("rcc", "backbone") for n in (256, 1024, 2048)}
+    assert not pts[("backbone", 2048)]["ok"] and "skipped" in pts[("backbone", 2048)]["error"]
+    for (kind, n), p in pts.items():
+        if p["ok"]:
+            assert p["generated"] == 3 and p["peak_mib"] > 0 and p["memory_measure"].startswith("peak RSS")
+            assert p["kv_positions"] == (n if kind == "backbone" else n // 8)
+    assert res["summary"]["common_lengths"] == [256, 1024]
+    assert res["summary"]["rcc"]["slope_mib_per_1k"] is not None and "slope_ratio" in res["summary"]
+    assert "memory slope RCC" in text and "memory slope backbone" in text and "skipped" in text
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failing_point_is_recorded_not_fatal(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli("bench", "--model", tmp_path / "missing", "--device", "cpu", "--lengths", "256", "--kinds", "rcc",
+               "-o", out, "--quiet") == 0
+    res = json.loads(out.read_text())
+    assert res["points"][0]["ok"] is False and "missing" in res["points"][0]["error"]
+    assert not out.with_suffix(".png").exists()
+
+
+def test_generate_from_context_ids_moves_its_slots_and_matches_a_memory(model):
+    """The one-off path (no copy of the slots) decodes exactly what a reusable memory does."""
+    import torch
+
+    ids = torch.randint(1, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor([[5, 6, 7]])
+    memory = model.compress(ids)
+    before = [k.clone() for k, _ in memory.kv]
+    a = model.generate(memory, prompt, max_new_tokens=6, eos_token_id=None)
+    b = model.generate(ids, prompt, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(a, b) and a.shape == (1, 6)
+    assert all(torch.equal(k, k0) for (k, _), k0 in zip(memory.kv, before))  # the memory stays reusable
+    assert torch.equal(model.generate(memory, prompt, max_new_tokens=6, eos_token_id=None), a)
