@@ -224,13 +224,18 @@ class TokenWriter:
         start = self._bin.tell()
         n = 0
         limit = np.iinfo(self.dtype).max
-        for chunk in chunks:
-            arr = np.asarray(chunk)
-            if arr.size and (arr.min() < 0 or arr.max() > limit):
-                raise RCCError(f"token id {int(arr.max())} does not fit {self.dtype}; the tokenizer's vocabulary "
-                               "is larger than it reports")
-            self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
-            n += arr.size
+        try:
+            for chunk in chunks:
+                arr = np.asarray(chunk)
+                if arr.size and (arr.min() < 0 or arr.max() > limit):
+                    raise RCCError(f"token id {int(arr.max())} does not fit {self.dtype}; the tokenizer's "
+                                   "vocabulary is larger than it reports")
+                self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+                n += arr.size
+        except BaseException:  # a document that fails half-way leaves nothing behind
+            self._bin.seek(start)
+            self._bin.truncate()
+            raise
         if n < max(1, min_tokens):
             self._bin.seek(start)
             self._bin.truncate()
@@ -447,7 +452,12 @@ def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field
                 yield c
             yield from tail
 
-        n = writers[split].write_document(counting(), min_tokens + n_tail)
+        try:
+            n = writers[split].write_document(counting(), min_tokens + n_tail)
+        except BadRecord as err:  # e.g. a text file that is not UTF-8 half-way through
+            _policy(err, on_error, report)
+            bar.update(1)
+            return
         if n is None:
             err = BadRecord(f"{where}: {counted[0]} tokens, fewer than the minimum of {min_tokens} "
                             "(one window); lower --min-tokens to keep such documents")

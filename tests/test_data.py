@@ -60,6 +60,18 @@ def test_prepare_data_writes_documents_in_order_with_a_heldout_split(tmp_path, t
     assert (tmp_path / "again" / "eval.bin").read_bytes() == (tmp_path / "out" / "eval.bin").read_bytes()
 
 
+def test_a_text_file_that_breaks_half_way_is_skipped_whole(tmp_path, tok):
+    (tmp_path / "a.txt").write_text(text(200, 0))
+    (tmp_path / "b.txt").write_bytes(text(200, 1).encode() + b"\n\xff\xfe broken\n")
+    with pytest.raises(RCCError, match=r"b\.txt: not UTF-8 \(bad byte at offset \d+\)"):
+        prepare_data([str(tmp_path)], tmp_path / "o1", tok, min_tokens=1, progress=False)
+    meta = prepare_data([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "o2", tok, min_tokens=1,
+                        on_error="skip", eval_fraction=0.0, progress=False)
+    only_a = tok(text(200, 0), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert np.asarray(TokenFile(tmp_path / "o2").tokens).tolist() == only_a
+    assert meta["report"]["skipped"] == {"malformed records": 1}
+
+
 def test_token_dtype_follows_the_vocabulary():
     assert token_dtype(50_304) == np.uint16 and token_dtype(65_536) == np.uint16
     assert token_dtype(65_537) == np.uint32 and token_dtype(151_936) == np.uint32

@@ -127,8 +127,9 @@ def test_warmup_then_cosine():
 
 
 def test_param_groups_give_g_and_a_their_own_learning_rate(tokens, tmp_path):
-    cfg = TrainConfig.load(tiny(tokens, tmp_path, train_encoder="frozen", weight_decay=0.1))
+    cfg = TrainConfig.load(tiny(tokens, tmp_path, train_encoder="frozen", weight_decay=0.1, pooling="mean"))
     model = build_model(cfg)
+    assert model.config.pooling == "mean" and model.config.ratio == 4
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     assert set(groups) == {"decoder", "decoder/no_decay", "glue"}  # frozen encoder: no group
     assert groups["glue"]["lr"] == 1e-2 and groups["decoder"]["lr"] == 3e-3
