@@ -258,8 +258,8 @@ def make_kvpress(press_name: str, compression_ratio: float):
     try:
         import kvpress
     except Exception as err:  # not installed, or installed without its dependencies
-        return None, (f"kvpress is not importable ({type(err).__name__}: {err}); it declares transformers<5.3, "
-                      "incompatible with the transformers this package needs")
+        return None, (f"kvpress is not importable ({type(err).__name__}: {err}); kvpress 0.5.5 needs "
+                      "transformers<5.3, which this package does not support (see docs/benchmarks.md)")
     from importlib.metadata import PackageNotFoundError, requires, version
 
     import transformers
