@@ -28,13 +28,7 @@ BACKBONE = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermedia
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and reproducibly, on one thread (the CI box is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ V = 16  # ids 1..15 are drawn; 0 never appears
 W, RATIO = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
