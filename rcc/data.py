@@ -732,26 +732,28 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
         pending.clear()
 
     bar = tqdm(unit="rec", desc="reading QA records", disable=not progress, dynamic_ncols=True)
-    for where, record in iter_records(sources, on_error, report):
-        report.read += 1
-        bar.update(1)
-        try:
-            fields = qa_fields(record, where)
-        except BadRecord as err:
-            _policy(err, on_error, report)
-            continue
-        if isinstance(fields[0], list):  # pre-tokenized
-            ctx, ids, labels = fields
-            keep(where, ctx, ids, labels if labels is not None else ids)
-            continue
-        if tokenizer is None:
-            raise RCCError(f"{where}: text records need a tokenizer; set tokenizer: in the config")
-        this_mode = mode if mode != "mixed" else rng.choice(("reconstruct", "manual"))
-        pending.append((where, *qa_texts(*fields, mode=this_mode, answer_suffix=answer_suffix)))
-        if len(pending) >= 256:
-            flush()
-    flush()
-    bar.close()
+    try:  # the bar is closed before an error is printed
+        for where, record in iter_records(sources, on_error, report):
+            report.read += 1
+            bar.update(1)
+            try:
+                fields = qa_fields(record, where)
+            except BadRecord as err:
+                _policy(err, on_error, report)
+                continue
+            if isinstance(fields[0], list):  # pre-tokenized
+                ctx, ids, labels = fields
+                keep(where, ctx, ids, labels if labels is not None else ids)
+                continue
+            if tokenizer is None:
+                raise RCCError(f"{where}: text records need a tokenizer; set tokenizer: in the config")
+            this_mode = mode if mode != "mixed" else rng.choice(("reconstruct", "manual"))
+            pending.append((where, *qa_texts(*fields, mode=this_mode, answer_suffix=answer_suffix)))
+            if len(pending) >= 256:
+                flush()
+        flush()
+    finally:
+        bar.close()
     if not examples:
         raise RCCError(f"no usable fine-tuning example in {sources}: {report.summary()}")
     return examples, report
