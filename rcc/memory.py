@@ -3,10 +3,12 @@ any number of questions, and its single-file format (safetensors + metadata)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,31 +188,31 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` to a temp file in the same folder, then rename:
-    a crash or a full disk never leaves a partial file at ``path``."""
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[str]:
+    """Yield a temp path in ``path``'s folder; on success it is renamed onto ``path``
+    (with the umask's mode), on failure removed: a crash or a full disk never
+    leaves a partial file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield tmp
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, atomically."""
+    with _atomic(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a UTF-8 text file, atomically."""
+    with _atomic(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")

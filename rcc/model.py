@@ -440,7 +440,8 @@ class RCCModel(nn.Module):
         """
         made_here = not isinstance(context, CompressedContext)
         memory = self.compress(context, window_batch_size) if made_here else context
-        self.check_memory(memory)
+        if not made_here:  # a memory compressed just now is this model's by construction
+            self.check_memory(memory)
         prompt = _as_batch(prompt_ids, "prompt_ids").to(self.device)
         if prompt.shape[1] == 0:
             raise RCCError("the prompt is empty; give at least one prompt token")
