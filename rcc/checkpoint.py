@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
 from .backbones import load_backbone, resolve_local_or_hub
+from .bundled import resolve_bundled
 from .config import RCCConfig
 from .errors import RCCError
 from .memory import atomic_save_file, atomic_write_text
@@ -192,16 +193,18 @@ def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
 
 
 def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None):
-    """Load a model saved by :func:`save_pretrained` from a folder or hub id.
+    """Load a model saved by :func:`save_pretrained` from a folder, hub id or
+    bundled model name (``rcc-smollm2-135m``, see :mod:`rcc.bundled`).
 
     Raises:
-        RCCError: when the folder is not an RCC checkpoint, or files are corrupt or mismatched.
+        RCCError: when the folder is not an RCC checkpoint, files are corrupt or
+            mismatched, or a bundled model's weights are missing.
     """
     from transformers import AutoTokenizer
 
     from .model import RCCModel
 
-    root = resolve_local_or_hub(name_or_path)
+    root = resolve_local_or_hub(resolve_bundled(name_or_path))
     if not (root / CONFIG_NAME).is_file():
         raise RCCError(
             f"{name_or_path}: no {CONFIG_NAME}; not an rcc-llm checkpoint (for the authors' released "
@@ -222,8 +225,10 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
     state = _read_safetensors([weights])
     for alias, target in json.loads(meta.get("aliases", "{}")).items():
         state[alias] = state[target]
-    if dtype is None:  # keep the stored precision (e.g. float64 checkpoints stay float64)
+    if dtype is None:  # keep the stored precision (e.g. float64 checkpoints stay float64) ...
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+        if dtype in (torch.bfloat16, torch.float16) and meta.get("backbones") == "False":
+            dtype = torch.float32  # ... but half-precision maps over a full-precision backbone are storage only
     tokenizer = None
     if (root / "tokenizer").is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
@@ -256,12 +261,13 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
     """Resolve what a user means by a model name (CLI ``--model``, server).
 
     - ``base_model`` given: ``spec`` is the authors' released layout (spec section 5);
+    - ``"rcc-smollm2-135m"`` (:data:`rcc.bundled.DEFAULT_MODEL`): the model shipped in the package;
     - a folder or hub repo with ``rcc_config.json``: our format;
     - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
       untrained RCC model over two copies of that backbone (``window``, ``ratio``).
 
     Raises:
-        RCCError: when nothing loadable is found.
+        RCCError: when nothing loadable is found, or the bundled model's weights are missing.
     """
     from .backbones import EMBEDDED
     from .model import RCCModel
@@ -274,7 +280,8 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
         model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
                                         encoder_source=spec, decoder_source=spec)
     else:
-        root = resolve_local_or_hub(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer/*", "*.model", "*.txt"])
+        root = resolve_local_or_hub(resolve_bundled(spec),
+                                    allow_patterns=["*.json", "*.safetensors", "tokenizer/*", "*.model", "*.txt"])
         if (root / CONFIG_NAME).is_file():
             model = load_pretrained(str(root), dtype=dtype)
         elif (root / "config.json").is_file():

@@ -138,7 +138,7 @@ def cmd_ask(args) -> int:
     import torch
 
     from .memory import CompressedContext
-    from .prompts import ask, build
+    from .prompts import ask, build, default_mode
 
     if (args.context is None) == (args.memory is None):
         raise RCCError("give exactly one of --context FILE|- and --memory FILE.rcc")
@@ -146,10 +146,10 @@ def cmd_ask(args) -> int:
         raise RCCError("--question is empty")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    mode = args.mode or ("manual" if args.memory else "reconstruct")
     context = read_text(args.context) if args.context is not None else None
     memory = CompressedContext.load(args.memory) if args.memory else None
     model, device = _load(args)
+    mode = args.mode or ("manual" if args.memory else default_mode(model))
     if model.tokenizer is None:
         raise RCCError(f"{args.model} has no tokenizer; pass --base-model with a tokenizer")
     tok = model.tokenizer
@@ -254,6 +254,26 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    """Write synthetic pass-key / needle / extract records built from prose."""
+    from .data import load_tokenizer
+    from .eval.config import parse_length
+    from .synth import make_records, parse_weights, read_prose, write_records
+
+    weights = parse_weights(args.kinds)
+    low, high = parse_length(args.min_tokens), parse_length(args.max_tokens)
+    if not 0 < low <= high:
+        raise RCCError(f"--min-tokens ({low}) must be positive and at most --max-tokens ({high})")
+    if args.count <= 0:
+        raise RCCError(f"--count must be positive; got {args.count}")
+    sentences = read_prose(args.inputs)
+    tokenizer = load_tokenizer(args.tokenizer)
+    n = write_records(args.output, make_records(sentences, tokenizer, count=args.count, weights=weights,
+                                                min_tokens=low, max_tokens=high, seed=args.seed))
+    print(f"rcc: wrote {n} records to {args.output}", file=sys.stderr)
+    return 0
+
+
 def _eval_config(args):
     from .eval import EvalConfig
 
@@ -289,9 +309,12 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     """Measure RCC against its uncompressed backbone: memory, compression time, TTFT, decode speed."""
     from .bench import BenchConfig, format_table, run_bench
+    from .bundled import resolve_bundled
     from .eval.plot import bench_memory
 
     device = _device(args.device)
+    if not args.base_model:  # fail here, not once per measurement in the child processes
+        resolve_bundled(args.model)
     dtype = str(_dtype(args.dtype, device)).replace("torch.", "")
     cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtype=dtype,
                       window=args.window, ratio=args.ratio, window_batch_size=args.window_batch_size,
@@ -309,9 +332,11 @@ def cmd_bench(args) -> int:
 
 # ------------------------------------------------------------------ parser
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="our checkpoint folder or hub id, the released layout (with --base-model), "
-                        "'embedded:smollm2' or a transformers backbone (fresh, untrained)")
+    from .bundled import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"the bundled {DEFAULT_MODEL} (default), our checkpoint folder or hub id, the released "
+                        "layout (with --base-model), 'embedded:smollm2' or a transformers backbone (fresh, untrained)")
     p.add_argument("--base-model", help="config (and tokenizer) of the released layout, e.g. EleutherAI/pythia-1.4b")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
@@ -327,7 +352,8 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="a memory file from `rcc compress` instead of --context")
     p.add_argument("--question", "-q", required=True)
     p.add_argument("--mode", choices=("reconstruct", "manual"),
-                   help="instruction mode (default: reconstruct with --context, manual with --memory)")
+                   help="instruction mode (default: manual with --memory, else the model's own: "
+                        "reconstruct, or manual for a model fine-tuned in manual mode only)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
@@ -437,12 +463,25 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
 
 
+def _synth_args(p) -> None:
+    p.add_argument("inputs", nargs="+", help="UTF-8 prose: *.txt files or folders of them")
+    p.add_argument("-o", "--output", required=True, help="JSONL file to write (PwC fields: input, prompt, answer)")
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer (lengths count its tokens)")
+    p.add_argument("--count", type=int, default=1000, help="records to write (default 1000)")
+    p.add_argument("--kinds", default="passkey=0.4,needle=0.35,extract=0.25",
+                   help="share of each kind (default passkey=0.4,needle=0.35,extract=0.25)")
+    p.add_argument("--min-tokens", default="256", help="shortest context, k suffix allowed (default 256)")
+    p.add_argument("--max-tokens", default="8k", help="longest context (default 8k)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ask": (cmd_ask, _ask_args, "answer a question about a long context"),
     "compress": (cmd_compress, _compress_args, "compress a context into a reusable memory file"),
     "info": (cmd_info, _info_args, "show a memory file's metadata"),
     "train": (cmd_train, _train_args, "train an RCC model (compression pretraining or instruction fine-tuning)"),
     "prepare-data": (cmd_prepare_data, _prepare_data_args, "tokenize a corpus into a memory-mapped token folder"),
+    "synth": (cmd_synth, _synth_args, "build synthetic pass-key / needle / extract records from prose"),
     "eval": (cmd_eval, _eval_args, "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines"),
     "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone"),
 }

@@ -31,6 +31,10 @@ class RCCConfig:
             ``"embedded:smollm2"``); ``None`` when the checkpoint carries them.
         trained: False for a model freshly built by ``from_backbones``; its
             projections are an initialisation, not learned.
+        instruction_mode: the instruction mode (spec section 2) a question is
+            asked in when the caller names none: ``"manual"`` for a model
+            fine-tuned in that mode only; ``None`` means ``"reconstruct"``,
+            the released model's.
     """
 
     window: int = 2048
@@ -42,6 +46,7 @@ class RCCConfig:
     encoder_source: str | None = None
     decoder_source: str | None = None
     trained: bool = True
+    instruction_mode: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or self.window <= 0:
@@ -54,6 +59,8 @@ class RCCConfig:
                 "choose a window that is a multiple of the ratio, e.g. "
                 f"{(self.window // self.ratio + 1) * self.ratio}"
             )
+        if self.instruction_mode not in (None, "reconstruct", "manual"):
+            raise RCCError(f"instruction_mode must be reconstruct or manual, got {self.instruction_mode!r}")
         if self.pooling not in POOLINGS:
             raise RCCError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 

@@ -148,7 +148,8 @@ class RCCModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "RCCModel":
-        """Load a model saved by :meth:`save_pretrained` (local folder or hub id)."""
+        """Load a model saved by :meth:`save_pretrained` (local folder, hub id, or
+        a bundled model's name such as ``rcc-smollm2-135m``)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(name_or_path, **kwargs)
@@ -485,8 +486,9 @@ class RCCModel(nn.Module):
         return out[:, P + m :]
 
     # ------------------------------------------------------------------ ask
-    def ask(self, context_text: str, question: str, mode: str = "reconstruct", **generate_kwargs):
-        """Answer a question about a text with one of the two instruction modes (spec section 2).
+    def ask(self, context_text: str, question: str, mode: str | None = None, **generate_kwargs):
+        """Answer a question about a text with one of the two instruction modes (spec section 2);
+        ``mode=None`` takes the model's own (``config.instruction_mode``, else ``"reconstruct"``).
 
         Returns:
             :class:`rcc.prompts.Answer` (``answer`` and, for ``"reconstruct"``,

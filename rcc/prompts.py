@@ -81,11 +81,17 @@ def split_answer(text: str, mode: str, eos: str | None) -> tuple[str | None, str
     return (question.strip() if question is not None else None), text.strip()
 
 
-def ask(model, context: str, question: str, mode: str = "reconstruct", max_new_tokens: int = 128,
+def default_mode(model) -> str:
+    """The instruction mode a model answers in when none is named."""
+    return getattr(model.config, "instruction_mode", None) or "reconstruct"
+
+
+def ask(model, context: str, question: str, mode: str | None = None, max_new_tokens: int = 128,
         window_batch_size: int | None = 8, memory=None, **generate_kwargs) -> Answer:
     """Answer ``question`` about ``context`` with ``model`` (an :class:`~rcc.RCCModel`).
 
     Args:
+        mode: ``"reconstruct"`` or ``"manual"``; None: :func:`default_mode`.
         memory: a :class:`~rcc.CompressedContext` made from ``build(context, question,
             mode)[0]`` (manual mode: from the context alone) to skip compression.
     Raises:
@@ -98,6 +104,7 @@ def ask(model, context: str, question: str, mode: str = "reconstruct", max_new_t
         raise RCCError("the context is empty; give some text to compress")
     if not question.strip():
         raise RCCError("the question is empty")
+    mode = mode or default_mode(model)
     to_compress, prompt = build(context, question, mode)
     if memory is None:
         ids = tok(to_compress, add_special_tokens=False, return_tensors="pt").input_ids

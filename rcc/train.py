@@ -17,6 +17,7 @@ and a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -102,11 +103,16 @@ def build_model(cfg: TrainConfig) -> RCCModel:
     dtype = getattr(torch, cfg.dtype)
     if cfg.init_from:
         model = RCCModel.from_pretrained(cfg.init_from, dtype=dtype)
-        for name in ("window", "ratio", "pooling"):
-            want, have = getattr(cfg, name), getattr(model.config, name)
-            if want is not None and want != have:
-                raise RCCError(f"init_from {cfg.init_from} has {name}={have!r} but the config asks for {want!r}; "
-                               f"remove {name} from the config or start from fresh backbones")
+        if cfg.window is not None and cfg.window != model.config.window:
+            raise RCCError(f"init_from {cfg.init_from} has window={model.config.window} but the config asks for "
+                           f"{cfg.window}; remove window from the config or start from fresh backbones")
+        # no parameter depends on the ratio or the pooling: a later stage may change them
+        changes = {k: getattr(cfg, k) for k in ("ratio", "pooling")
+                   if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(model.config, k)}
+        if changes:
+            model.config = dataclasses.replace(model.config, **changes)  # validated (window % ratio)
+            log.info("init_from %s: continuing with %s", cfg.init_from,
+                     ", ".join(f"{k}={v!r}" for k, v in changes.items()))
     else:
         enc, tok, enc_src = _backbone(cfg.encoder_backbone or cfg.backbone, dtype, cfg.seed)
         dec, tok_d, dec_src = _backbone(cfg.decoder_backbone or cfg.backbone, dtype, cfg.seed)
@@ -341,6 +347,12 @@ def _check_checkpoint_holds(folder: Path, trainable: set[str]) -> None:
                        "it was written by a run that trained other parts of the model")
 
 
+def _out_of_time(deadline: float, accelerator) -> bool:
+    """Whether any process is past ``deadline`` (all processes decide together)."""
+    late = torch.tensor([float(time.monotonic() > deadline)], device=accelerator.device)
+    return bool(accelerator.reduce(late, "max").item() > 0)
+
+
 def _final_model(accelerator, model, cfg: TrainConfig) -> RCCModel:
     """The trained model as one ordinary module (FSDP / DeepSpeed gather their shards)."""
     from accelerate.utils import DistributedType
@@ -466,6 +478,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     metrics: dict = {}
     running = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, micro-batches, tokens
     clock = time.perf_counter()
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
     _set_modes(model, cfg, True, accelerator)
     try:
         while state["step"] < total_steps:
@@ -515,6 +528,12 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                 clock = time.perf_counter()
             if on_step is not None:
                 on_step(step, dict(metrics))
+            if deadline is not None and step < total_steps and _out_of_time(deadline, accelerator):
+                _save_checkpoint(accelerator, output_dir, dict(state), cfg)
+                if main:
+                    log.warning("max_minutes=%g is spent: stopping at step %d of %d (resume=auto continues)",
+                                cfg.max_minutes, step, total_steps)
+                break
     finally:
         bar.close()
         if writer is not None:
@@ -525,6 +544,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     final_dir = output_dir / "final"
     if main:
         final.config.trained = True
+        if cfg.task == "finetune" and cfg.instruction_mode != "mixed":
+            final.config.instruction_mode = cfg.instruction_mode
         final.save_pretrained(str(final_dir),
                               include_backbones=not (final.config.encoder_source and final.config.decoder_source))
         atomic_write_text(final_dir / CONFIG_NAME, cfg.to_json())

@@ -74,6 +74,10 @@ class TrainConfig:
         batch_size: micro-batch per process; grad_accum: micro-batches per step.
         max_steps: optimiser steps (pretrain: required); epochs: finetune
             passes over the data when ``max_steps`` is unset.
+        max_minutes: wall-clock budget of this run (None: none): when it is
+            spent the run saves a checkpoint and ``final`` and stops early
+            (the schedule still assumes ``max_steps``; a later run with
+            ``resume=auto`` continues it).
         mixed_precision: ``"auto"`` = bf16 on a GPU that supports it, else off.
 
     Run:
@@ -135,6 +139,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int | None = None
     epochs: float | None = None
+    max_minutes: float | None = None
     mixed_precision: str = "auto"
     ddp_find_unused_parameters: bool = False
     # run
@@ -172,7 +177,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("window", "ratio", "max_steps"):
+        for name in ("window", "ratio", "max_steps", "max_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers", "cue_min", "weight_decay",

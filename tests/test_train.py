@@ -169,6 +169,18 @@ def test_kill_and_resume_reaches_the_same_parameters(tokens, tmp_path, encoder, 
         train(tiny(tokens, tmp_path / "b", **dict(common, resume="never")))
 
 
+def test_a_spent_time_budget_stops_saves_and_resumes_exactly(tokens, tmp_path):
+    common = dict(max_steps=4, save_every=0, resume="auto")
+    straight = train(tiny(tokens, tmp_path / "a", **common))
+    cut = train(tiny(tokens, tmp_path / "b", max_minutes=1e-9, **common))  # spent after the first step
+    assert cut.step == 1 and (tmp_path / "b" / "final" / "rcc_config.json").is_file()
+    assert [p.name for p in checkpoints(tmp_path / "b")] == ["step-00000001"]
+    resumed = train(tiny(tokens, tmp_path / "b", **common))
+    assert resumed.step == 4
+    a, b = state_of(straight.model), state_of(resumed.model)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
 # ------------------------------------------------------------ what trains
 def test_full_training_saves_backbones_and_the_curriculum_freezes_the_encoder(tokens, tmp_path):
     stage1 = train(tiny(tokens, tmp_path / "s1", max_windows=1))
@@ -184,8 +196,14 @@ def test_full_training_saves_backbones_and_the_curriculum_freezes_the_encoder(to
     assert all(torch.equal(after[k], trained[k]) for k in enc)
     assert not torch.equal(after["decoder.model.layers.0.mlp.up_proj.weight"],
                            trained["decoder.model.layers.0.mlp.up_proj.weight"])
-    with pytest.raises(RCCError, match="has ratio=4 but the config asks for 8"):
-        train(tiny(tokens, tmp_path / "s3", backbone=None, init_from=str(stage1.final_dir), window=None, ratio=8))
+    # a later stage may change the ratio (no parameter depends on it) but not the window
+    stage3 = train(tiny(tokens, tmp_path / "s3", backbone=None, init_from=str(stage1.final_dir), window=None, ratio=2,
+                        max_steps=1))
+    assert stage3.model.config.ratio == 2 and RCCModel.from_pretrained(str(stage3.final_dir)).config.ratio == 2
+    with pytest.raises(RCCError, match="has window=16 but the config asks for 32"):
+        train(tiny(tokens, tmp_path / "s4", backbone=None, init_from=str(stage1.final_dir), window=32))
+    with pytest.raises(RCCError, match="not divisible by ratio"):
+        train(tiny(tokens, tmp_path / "s5", backbone=None, init_from=str(stage1.final_dir), window=None, ratio=5))
 
 
 def test_lora_run_saves_only_adapters_and_maps_and_reloads(tokens, tmp_path):
@@ -246,7 +264,17 @@ def test_finetune_on_qa_text_records_in_both_modes(tmp_path):
     assert len(held) == 3 and result.step == len(FinetuneBatches(kept, window=32, batch_size=2))  # one epoch
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert math.isfinite(logged[-1]["eval_loss"]) and logged[-1]["eval_tokens"] > 0
-    assert RCCModel.from_pretrained(str(result.final_dir)).tokenizer is not None
+    mixed = RCCModel.from_pretrained(str(result.final_dir))
+    assert mixed.tokenizer is not None and mixed.config.instruction_mode is None  # both modes: no default of its own
+    # a manual-only stage makes manual the model's own mode: ask() without a mode uses it
+    manual = train(dict(cfg, init_from=str(result.final_dir), backbone=None, tokenizer=None, window=None, ratio=None,
+                        instruction_mode="manual", epochs=None, max_steps=1, output_dir=str(tmp_path / "run2")))
+    loaded = RCCModel.from_pretrained(str(manual.final_dir))
+    assert loaded.config.instruction_mode == "manual"
+    context = " ".join(words)
+    plain = loaded.ask(context, "Who lit the lamp?", max_new_tokens=4)
+    assert plain.reconstructed_question is None
+    assert plain.token_ids == loaded.ask(context, "Who lit the lamp?", mode="manual", max_new_tokens=4).token_ids
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokens, tmp_path):

@@ -1,0 +1,168 @@
+"""Synthetic instruction records built from prose (``rcc synth``): teach an
+RCC model to find things in long contexts.
+
+Each record has PwC fields (``input``, ``prompt``, ``answer``; see
+:func:`rcc.data.qa_fields`) plus ``task`` and ``tokens``, so ``rcc train``'s
+``finetune`` stage reads the file as it is. Kinds:
+
+- ``passkey``: the pass-key prompt of :mod:`rcc.eval.passkey`, with a seeded
+  5-digit key, hidden in its filler sentences or (half of the time) in prose;
+- ``needle``: a templated fact with random names and values hidden in prose,
+  and the question about it;
+- ``extract``: a prose sentence hidden in other prose; the question gives its
+  first words and the answer is how it goes on.
+
+Context lengths are log-uniform in ``[min_tokens, max_tokens]`` (tokens of
+the model's tokenizer), depths uniform in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import RCCError
+from .eval import passkey
+from .eval.needle import build_haystack, split_sentences
+from .memory import atomic_write_text
+
+KINDS = ("passkey", "needle", "extract")
+
+NAMES = ("Ada", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca",
+         "Maya", "Nils", "Omar", "Priya", "Quentin", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf", "Zoe")
+THINGS = ("apple", "anchor", "lantern", "violin", "compass", "teapot", "kite", "marble", "ladder", "candle",
+          "mirror", "helmet", "basket", "feather", "hammer", "pebble", "ribbon", "saddle", "tulip", "walnut")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "black", "white")
+CITIES = ("Lisbon", "Oslo", "Kyoto", "Lima", "Nairobi", "Quebec", "Tbilisi", "Hanoi", "Porto", "Dakar",
+          "Bergen", "Cusco", "Tallinn", "Valencia", "Zagreb", "Perth", "Bilbao", "Ghent", "Malmo", "Turin")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+PLACES = ("shed", "attic", "garage", "cellar", "porch", "greenhouse", "barn", "office", "kitchen", "library")
+
+# (needle sentence, question, answer); fields filled by _needle()
+TEMPLATES = (
+    ("The special magic number for {thing} is {num}.", "What is the special magic number for {thing}?", "{num}"),
+    ("{name}'s favourite city is {city}.", "What is {name}'s favourite city?", "{city}"),
+    ("The secret word of the {colour} {thing} is {word}.", "What is the secret word of the {colour} {thing}?",
+     "{word}"),
+    ("The meeting with {name} is on {day}.", "On which day is the meeting with {name}?", "{day}"),
+    ("{name} hid the {thing} in the {place}.", "Where did {name} hide the {thing}?", "in the {place}"),
+    ("The code to open the {place} is {num}.", "What is the code to open the {place}?", "{num}"),
+    ("{name} was born in {city} in {year}.", "In which year was {name} born?", "{year}"),
+)
+
+
+def _needle(rng: random.Random) -> tuple[str, str, str]:
+    values = {"thing": rng.choice(THINGS), "num": str(rng.randint(1000, 999999)), "name": rng.choice(NAMES),
+              "city": rng.choice(CITIES), "colour": rng.choice(COLOURS), "day": rng.choice(DAYS),
+              "place": rng.choice(PLACES), "year": str(rng.randint(1700, 2020)),
+              "word": rng.choice(THINGS) + rng.choice(("wood", "stone", "light", "fall", "berry", "field"))}
+    return tuple(part.format(**values) for part in rng.choice(TEMPLATES))  # type: ignore[return-value]
+
+
+def read_prose(inputs: list[str]) -> list[str]:
+    """Sentences of the UTF-8 text files in ``inputs`` (files or folders,
+    searched for ``*.txt``), in a stable order.
+
+    Raises:
+        RCCError: when an input is missing or no sentence is found.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*.txt") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RCCError(f"{item}: no such file or folder")
+    sentences: list[str] = []
+    for path in files:
+        try:
+            sentences += split_sentences(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise RCCError(f"{path}: not UTF-8 text; convert it or leave it out") from None
+    if not sentences:
+        raise RCCError(f"no sentences in {', '.join(inputs)}; give UTF-8 prose (*.txt files)")
+    return sentences
+
+
+def _words(sentence: str) -> list[str]:
+    return sentence.split()
+
+
+def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[str, float], min_tokens: int,
+                 max_tokens: int, seed: int = 0) -> Iterator[dict]:
+    """``count`` records, a function of the arguments only.
+
+    Args:
+        sentences: prose sentences (:func:`read_prose`), the haystacks and the
+            extract sentences.
+        tokenizer: the model's tokenizer (lengths are counted with it).
+        weights: share of each kind in :data:`KINDS` (need not sum to 1).
+        min_tokens / max_tokens: context length range in tokens.
+    """
+    rng = random.Random(f"rcc-synth/{seed}")
+    kinds = [k for k in KINDS if weights.get(k, 0) > 0]
+    shares = [weights[k] for k in kinds]
+    long_enough = [i for i, s in enumerate(sentences) if 8 <= len(_words(s)) <= 60]
+    if "extract" in kinds and not long_enough:
+        raise RCCError("the prose has no sentence of 8 to 60 words for extract records")
+    for n in range(count):
+        kind = rng.choices(kinds, shares)[0]
+        length = int(round(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens)))))
+        depth = rng.random()
+        start = rng.randrange(len(sentences))
+        prose = sentences[start: start + length // 6 + 64]  # more than enough sentences; cycled when short
+        instruction = ""
+        if kind == "passkey":
+            key = str(rng.randint(10000, 99999))
+            needle, question, answer = passkey.NEEDLE.format(key=key), passkey.QUESTION, key
+            instruction = passkey.INSTRUCTION
+            if rng.random() < 0.5:
+                prose = list(passkey.FILLER)
+        elif kind == "needle":
+            needle, question, answer = _needle(rng)
+        else:
+            words = _words(sentences[rng.choice(long_enough)])
+            cue = rng.randint(3, 6)
+            needle = " ".join(words)
+            question = f'In the text, how does the sentence that begins "{" ".join(words[:cue])}" go on?'
+            answer = " ".join(words[cue: cue + 12])
+        try:
+            hs = build_haystack(tokenizer, prose, needle, length, depth, instruction=instruction)
+        except RCCError:  # a length too short for this needle: take the shortest that holds it
+            hs = build_haystack(tokenizer, prose, needle, max(length, 4 * min_tokens), depth, instruction=instruction)
+        yield {"input": hs.text, "prompt": question, "answer": answer, "task": kind, "tokens": hs.tokens,
+               "depth": round(hs.depth, 4), "id": f"{kind}-{n}"}
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """``"passkey=0.4,needle=0.35,extract=0.25"`` -> a dict.
+
+    Raises:
+        RCCError: on an unknown kind or a value that is not a non-negative number.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition("=")
+        if name not in KINDS:
+            raise RCCError(f"unknown record kind {name!r} in --kinds; choose from {', '.join(KINDS)}")
+        try:
+            out[name] = float(value) if sep else 1.0
+        except ValueError:
+            raise RCCError(f"--kinds: {item!r} is not KIND=SHARE (e.g. passkey=0.5)") from None
+        if out[name] < 0:
+            raise RCCError(f"--kinds: the share of {name} must not be negative")
+    if not any(out.values()):
+        raise RCCError("--kinds gives no kind a positive share")
+    return out
+
+
+def write_records(path: str | Path, records) -> int:
+    """Write records as JSONL, atomically; returns how many."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    return len(lines)
