@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# The model card's measurements (MODEL_CARD.md), each with the uncompressed
-# SmolLM2 (cut to its 8k window) and the equal-memory recent-tokens baseline.
+# The model card's measurements (MODEL_CARD.md), each on the same samples with the
+# uncompressed SmolLM2 (cut to its 8k window) and the equal-memory recent-tokens baseline.
 #   bash recipes/smollm2-135m/eval.sh [MODEL=rcc-smollm2-135m] [OUT=runs/smollm2-135m/eval]
-# Needs the held-out prose of data.sh (data/smollm2-135m/prose/heldout).
+# Needs the held-out prose of data.sh (data/smollm2-135m/prose/heldout). On the 2-core CPU
+# machine it takes about half an hour.
 set -euo pipefail
 MODEL=${1:-rcc-smollm2-135m}
 OUT=${2:-runs/smollm2-135m/eval}
 RCC=${RCC:-rcc}
 HELD=${HELD:-data/smollm2-135m/prose/heldout/linux-admin-guide.txt}
-LENGTHS=${LENGTHS:-2k,8k,32k,128k}
-SAMPLES=${SAMPLES:-2}
+MODES=${MODES:-manual}                      # the bundled model's own mode (stage 3 trained only it)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-$RCC eval passkey --model "$MODEL" --lengths "$LENGTHS" --samples "$SAMPLES" --baselines full,recent \
-    -o "$OUT/passkey.json"
-$RCC eval needle --model "$MODEL" --lengths "$LENGTHS" --samples "$SAMPLES" --baselines full,recent \
-    --haystack "$HELD" --needle "The secret ingredient of the harbour soup is smoked paprika." \
+$RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${PASSKEY_LENGTHS:-2k,8k,32k,128k}" \
+    --baselines full,recent -o "$OUT/passkey.json"
+$RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${NEEDLE_LENGTHS:-2k,8k,32k}" \
+    --baselines full,recent --haystack "$HELD" \
+    --needle "The secret ingredient of the harbour soup is smoked paprika." \
     --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika" \
     -o "$OUT/needle.json"
-$RCC eval reconstruct --model "$MODEL" --lengths 512,2k --samples 10 --baselines full,recent --text "$HELD" \
+$RCC eval reconstruct --model "$MODEL" --lengths 512 --samples 10 --baselines full,recent --text "$HELD" \
     -o "$OUT/reconstruct.json"
