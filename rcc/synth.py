@@ -89,10 +89,6 @@ def read_prose(inputs: list[str]) -> list[str]:
     return sentences
 
 
-def _words(sentence: str) -> list[str]:
-    return sentence.split()
-
-
 def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[str, float], min_tokens: int,
                  max_tokens: int, seed: int = 0) -> Iterator[dict]:
     """``count`` records, a function of the arguments only.
@@ -107,7 +103,7 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
     rng = random.Random(f"rcc-synth/{seed}")
     kinds = [k for k in KINDS if weights.get(k, 0) > 0]
     shares = [weights[k] for k in kinds]
-    long_enough = [i for i, s in enumerate(sentences) if 8 <= len(_words(s)) <= 60]
+    long_enough = [i for i, s in enumerate(sentences) if 8 <= len(s.split()) <= 60]
     if "extract" in kinds and not long_enough:
         raise RCCError("the prose has no sentence of 8 to 60 words for extract records")
     for n in range(count):
@@ -126,7 +122,7 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
         elif kind == "needle":
             needle, question, answer = _needle(rng)
         else:
-            words = _words(sentences[rng.choice(long_enough)])
+            words = sentences[rng.choice(long_enough)].split()
             cue = rng.randint(3, 6)
             needle = " ".join(words)
             question = f'In the text, how does the sentence that begins "{" ".join(words[:cue])}" go on?'
