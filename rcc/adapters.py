@@ -8,6 +8,8 @@ as before. A checkpoint then stores only the adapter weights and their config
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from .errors import RCCError
@@ -33,6 +35,26 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def has_lora(model: nn.Module) -> bool:
     return bool(lora_layers(model))
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run ``model`` as its base backbone: its LoRA adapters are bypassed inside
+    the block (a no-op without adapters); which parameters train is restored."""
+    layers = lora_layers(model)
+    if not layers:
+        yield model
+        return
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for layer in layers.values():
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.enable_adapters(True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -368,6 +368,7 @@ class RCCModel(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         window_batch_size: int | None = None,
+        grad_windows: int | None = None,
     ) -> RCCOutput:
         """One pass over slots + prompt (training and scoring).
 
@@ -378,14 +379,23 @@ class RCCModel(nn.Module):
                 Slot positions are never counted; the last slot's logits predict
                 ``labels[:, 0]`` (spec section 3).
             attention_mask: ``[batch, m]`` for the prompt (1 = real token).
+            grad_windows: when set and gradients are on, each row backpropagates
+                through this many of its windows, drawn at random (torch's
+                generator); its other windows are encoded without gradient. The
+                outputs are those of a full pass; only the gradient is truncated
+                (windows are encoded independently), so long contexts cost about
+                a forward pass per extra window.
         Returns:
             :class:`RCCOutput` with ``logits [batch, m, vocab]`` and the mean loss.
         """
         ctx = self._check_context(context_ids).to(self.device)
         input_ids = _as_batch(input_ids, "input_ids").to(self.device)
-        parts = list(self.iter_slots(ctx, window_batch_size))
-        embeds = torch.cat([p[0] for p in parts], dim=1)
-        additions = [torch.cat([p[1][i] for p in parts], dim=1) for i in range(len(self.A))]
+        if grad_windows and torch.is_grad_enabled():
+            embeds, additions = self._slots_with_partial_grad(ctx, int(grad_windows), window_batch_size)
+        else:
+            parts = list(self.iter_slots(ctx, window_batch_size))
+            embeds = torch.cat([p[0] for p in parts], dim=1)
+            additions = [torch.cat([p[1][i] for p in parts], dim=1) for i in range(len(self.A))]
         P, m = embeds.shape[1], input_ids.shape[1]
         self.check_positions(P + m)
         tok = self.decoder.get_input_embeddings()(input_ids)
@@ -407,6 +417,38 @@ class RCCModel(nn.Module):
                 scores = scores.float()
             loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return RCCOutput(loss=loss, logits=kept[:, 1:])
+
+    def _slots_with_partial_grad(
+        self, ctx: torch.Tensor, grad_windows: int, window_batch_size: int | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slots of ``ctx [batch, n]`` as :meth:`iter_slots` gives them, with
+        gradient through ``grad_windows`` random windows of each row only.
+
+        Returns:
+            ``(embeds [batch, P, H_D], additions: L_D x [batch, P, H_D])``.
+        """
+        W = self.config.window
+        windows = pad_to_windows(ctx, W).reshape(ctx.shape[0], -1, W)  # [batch, nw, W]
+        b, nw = windows.shape[:2]
+        flat = windows.reshape(b * nw, W)
+        if grad_windows >= nw:
+            chosen = torch.ones(b, nw, dtype=torch.bool)
+        else:
+            picks = torch.rand(b, nw).argsort(dim=1)[:, :grad_windows]
+            chosen = torch.zeros(b, nw, dtype=torch.bool).scatter_(1, picks, True)
+        chosen = chosen.reshape(-1).to(flat.device)
+        with_grad = chosen.nonzero().squeeze(1)
+        without = (~chosen).nonzero().squeeze(1)
+        parts = [self.encode_windows(flat[with_grad])]
+        step = max(1, len(without) if not window_batch_size else int(window_batch_size) * b)
+        with torch.no_grad():
+            for s in range(0, len(without), step):
+                parts.append(self.encode_windows(flat[without[s : s + step]]))
+        order = torch.cat([with_grad, without]).argsort()  # back to window order
+        embeds = torch.cat([p[0] for p in parts])[order]
+        k = embeds.shape[1]
+        additions = [torch.cat([p[1][i] for p in parts])[order].reshape(b, nw * k, -1) for i in range(len(self.A))]
+        return embeds.reshape(b, nw * k, -1), additions
 
     # ----------------------------------------------------------- generate
     @torch.no_grad()

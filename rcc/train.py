@@ -187,11 +187,11 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def training_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def training_loss(model, batch: dict[str, torch.Tensor], grad_windows: int = 0) -> torch.Tensor:
     """The loss one micro-batch contributes: the model's mean next-token
     cross-entropy over counted labels (spec section 3). The training loop and
-    the fixture test both call this."""
-    return model(**batch).loss
+    the fixture test both call this; ``grad_windows`` as in :class:`TrainConfig`."""
+    return model(**batch, grad_windows=grad_windows or None).loss
 
 
 # ------------------------------------------------------------------- data
@@ -485,7 +485,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
             for _ in range(cfg.grad_accum):
                 batch = _to(next(batches), accelerator.device)
                 with accelerator.accumulate(model):
-                    loss = training_loss(model, batch)
+                    loss = training_loss(model, batch, cfg.grad_windows)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -53,6 +53,10 @@ class TrainConfig:
         min_windows / max_windows: pretrain contexts have c windows, c uniform
             in [min, max] per micro-batch; finetune skips records whose text to
             compress needs more than ``max_windows`` windows.
+        grad_windows: backpropagate through at most this many windows of each
+            context, drawn at random each step; the others are encoded without
+            gradient (0: all). Makes long contexts cost about a forward pass per
+            extra window, so the decoder learns to search many slots cheaply.
         target_tokens: pretrain decoder span (reconstruction span or continuation).
         cue_min / cue_max: reconstruction cue length (uncounted first tokens).
         reconstruct_fraction: share of pretrain samples that reconstruct (the
@@ -114,6 +118,7 @@ class TrainConfig:
     eval_data: str | list | None = None
     min_windows: int = 1
     max_windows: int = 1
+    grad_windows: int = 0
     target_tokens: int = 512
     cue_min: int = 10
     cue_max: int = 20
@@ -180,7 +185,7 @@ class TrainConfig:
         for name in ("window", "ratio", "max_steps", "max_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers", "cue_min", "weight_decay",
+        for name in ("grad_windows", "warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers", "cue_min", "weight_decay",
                      "max_grad_norm", "lr_encoder", "lr_decoder", "lr_glue", "lr", "lora_dropout"):
             value = getattr(self, name)
             if value is not None and value < 0:

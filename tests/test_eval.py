@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from rcc.errors import RCCError
 from rcc.eval import EvalConfig, parse_depths, parse_lengths, run_eval
@@ -154,6 +155,31 @@ def test_full_context_is_cut_in_the_middle_to_the_decoder_positions(model, tok):
     assert m.select(ctx[:100], room=462) == (ctx[:100], {"truncated": False, "kept_tokens": 100, "context_tokens": 100})
     with pytest.raises(RCCError, match="positions"):
         m._room(overhead=500, max_new_tokens=20)
+
+
+def test_baselines_run_the_backbone_without_the_lora_adapters(tok):
+    from rcc.adapters import add_lora
+
+    model = tiny_rcc("llama", window=64, ratio=8, max_position_embeddings=POSITIONS)
+    plain = tiny_rcc("llama", window=64, ratio=8, max_position_embeddings=POSITIONS).decoder  # same seed
+    add_lora(model.decoder, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # trained-looking adapters that change the logits
+            p.requires_grad_("lora_" in name)
+    ids = torch.randint(3, 300, (1, 40))
+    assert not torch.allclose(model.decoder(ids).logits, plain(ids).logits, atol=1e-3)
+    context, prompt = list(range(5, 65)), [7, 8, 9]
+    for method in (baselines.FullContext(model.decoder, tok),
+                   baselines.RecentTokens(model.decoder, tok, budget=model.config.slots_for)):
+        got = method.continue_ids(context, prompt, 6)
+        kept, _ = method.select(context, room=10_000)
+        assert got.token_ids == baselines.greedy(plain, kept + prompt, 6)  # the base model's answer
+    # the adapters are back, and what trains is unchanged
+    assert not torch.allclose(model.decoder(ids).logits, plain(ids).logits, atol=1e-3)
+    assert {n for n, p in model.decoder.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.decoder.named_parameters() if "lora_" in n}
 
 
 class _NoPress:

@@ -263,3 +263,36 @@ def test_absolute_positions_refuse_and_rotary_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="rcc"):
         rotary.generate(ids(600), ids(3), max_new_tokens=2)  # 152 slots > 64 trained positions
     assert "extrapolate" in caplog.text
+
+
+def test_grad_windows_keeps_outputs_and_truncates_the_gradient_to_chosen_windows():
+    # window w of row r uses only tokens [10 + 10j, 20 + 10j), j = 4r + w: the rows
+    # of the encoder's embedding gradient tell which windows carried gradient
+    model = tiny_rcc("llama", window=16, ratio=4).train()
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.stack([torch.cat([torch.randint(10 + 10 * (4 * r + w), 20 + 10 * (4 * r + w), (16,), generator=g)
+                                  for w in range(4)]) for r in range(2)])
+    prompt = ids(6, batch=2, seed=4)
+    table = model.encoder.get_input_embeddings().weight
+
+    def run(grad_windows):
+        model.zero_grad(set_to_none=True)
+        out = model(ctx, prompt, labels=prompt, grad_windows=grad_windows)
+        out.loss.backward()
+        rows = table.grad.abs().sum(1)
+        used = [[bool(rows[10 + 10 * (4 * r + w): 20 + 10 * (4 * r + w)].sum() > 0) for w in range(4)]
+                for r in range(2)]
+        return out, used, model.G.weight.grad.clone()
+
+    full, used, g_full = run(None)
+    assert used == [[True] * 4] * 2
+    for k in (1, 3):
+        torch.manual_seed(k)
+        part, used, g_part = run(k)
+        assert torch.equal(part.logits, full.logits) and torch.equal(part.loss, full.loss)
+        assert [sum(u) for u in used] == [k, k]  # k windows of each row
+        assert g_part.abs().sum() > 0 and not torch.allclose(g_part, g_full)
+    same, used, g_same = run(4)  # as many as there are: the full gradient
+    assert used == [[True] * 4] * 2 and torch.allclose(g_same, g_full, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: the plain path
+        assert torch.equal(model(ctx, prompt, grad_windows=1).logits, full.logits)

@@ -101,6 +101,8 @@ def test_config_file_overrides_and_validation(tmp_path):
         TrainConfig.load(path, ["max_steps=null"])
     with pytest.raises(RCCError, match="does not fit in a context"):
         TrainConfig.load(path, ["target_tokens=4096"])
+    with pytest.raises(RCCError, match="grad_windows must not be negative"):
+        TrainConfig.load(path, ["grad_windows=-1"])
 
 
 def test_print_config_and_a_missing_file_from_the_cli(tmp_path, capsys):
@@ -133,11 +135,13 @@ def test_param_groups_give_g_and_a_their_own_learning_rate(tokens, tmp_path):
 
 
 # ------------------------------------------------------------------- resume
-@pytest.mark.parametrize("encoder, decoder", [("full", "full"), ("frozen", "lora")])
-def test_kill_and_resume_reaches_the_same_parameters(tokens, tmp_path, encoder, decoder):
+@pytest.mark.parametrize("encoder, decoder, grad_windows", [("full", "full", 0), ("frozen", "lora", 0),
+                                                              ("lora", "lora", 1)])
+def test_kill_and_resume_reaches_the_same_parameters(tokens, tmp_path, encoder, decoder, grad_windows):
     backbone = dict(BACKBONE, attention_dropout=0.1)  # dropout: the RNG state must be restored too
+    # grad_windows draws its windows from the RNG as well
     common = dict(max_steps=6, save_every=3, grad_accum=2, backbone=backbone, resume="auto", train_encoder=encoder,
-                  train_decoder=decoder)
+                  train_decoder=decoder, grad_windows=grad_windows)
     straight = train(tiny(tokens, tmp_path / "a", **common))
 
     class Killed(Exception):

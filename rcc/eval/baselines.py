@@ -6,7 +6,8 @@
   (continuation samples: read the context, then continue the prompt).
 
 :class:`RCCMethod` is the model under test (one per instruction mode). The
-baselines run the same decoder on the same samples:
+baselines run the decoder's backbone (LoRA adapters bypassed: for the bundled
+model, the plain SmolLM2) on the same samples:
 
 - :class:`FullContext` (``full``): the uncompressed decoder with the whole
   context, cut in the middle (head and tail kept, as LongBench does) when it
@@ -30,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import adapters
 from ..errors import RCCError
 from ..prompts import ASSISTANT, END, HEADER, ask, build, split_answer
 from .task import Prediction
@@ -161,12 +163,14 @@ class _DecoderMethod:
     def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
         pre, post = _ids(self.tokenizer, HEADER), _ids(self.tokenizer, "\n\n" + question + ASSISTANT)
         ctx, info = self.select(_ids(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
-        ids = greedy(self.decoder, pre + ctx + post, max_new_tokens, self.stops)
+        with adapters.disabled(self.decoder):
+            ids = greedy(self.decoder, pre + ctx + post, max_new_tokens, self.stops)
         return Prediction(_answer_text(self.tokenizer, ids), ids, info)
 
     def continue_ids(self, context_ids: list[int], prompt_ids: list[int], max_new_tokens: int) -> Prediction:
         ctx, info = self.select(list(context_ids), self._room(len(prompt_ids), max_new_tokens))
-        ids = greedy(self.decoder, ctx + list(prompt_ids), max_new_tokens)
+        with adapters.disabled(self.decoder):
+            ids = greedy(self.decoder, ctx + list(prompt_ids), max_new_tokens)
         return Prediction(self.tokenizer.decode(ids), ids, info)
 
 
@@ -232,16 +236,18 @@ class KVPressMethod(FullContext):
     def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
         pre, post = _ids(self.tokenizer, HEADER), _ids(self.tokenizer, "\n\n" + question + ASSISTANT)
         ctx, info = self.select(_ids(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
-        cache = self._prefill(pre + ctx)
+        with adapters.disabled(self.decoder):
+            cache = self._prefill(pre + ctx)
+            ids = greedy(self.decoder, post, max_new_tokens, self.stops, cache=cache, start=len(pre) + len(ctx))
         info["kv_positions"] = cache.get_seq_length()
-        ids = greedy(self.decoder, post, max_new_tokens, self.stops, cache=cache, start=len(pre) + len(ctx))
         return Prediction(_answer_text(self.tokenizer, ids), ids, info)
 
     def continue_ids(self, context_ids, prompt_ids, max_new_tokens):
         ctx, info = self.select(list(context_ids), self._room(len(prompt_ids), max_new_tokens))
-        cache = self._prefill(ctx)
+        with adapters.disabled(self.decoder):
+            cache = self._prefill(ctx)
+            ids = greedy(self.decoder, list(prompt_ids), max_new_tokens, cache=cache, start=len(ctx))
         info["kv_positions"] = cache.get_seq_length()
-        ids = greedy(self.decoder, list(prompt_ids), max_new_tokens, cache=cache, start=len(ctx))
         return Prediction(self.tokenizer.decode(ids), ids, info)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
 
+from ..adapters import has_lora
 from ..errors import RCCError
 from ..memory import atomic_write_text
 from . import baselines, needle, passkey, qa, reconstruct
@@ -125,6 +126,8 @@ def _notes(model, records: list[dict], skipped: dict[str, str]) -> list[str]:
             notes.append(f"{name}: {len(cut)} of {sum(r['method'] == name for r in records)} samples were longer than "
                          f"the decoder's {limit} positions and were cut in the middle to "
                          f"{', '.join(map(str, kept))} context tokens (records: info.truncated)")
+    if has_lora(model.decoder) and any(r["method"] != "rcc" and not r["method"].startswith("rcc:") for r in records):
+        notes.append("baselines run the decoder's backbone with its LoRA adapters bypassed (the uncompressed base model)")
     if any(r["method"] == "recent" for r in records):
         notes.append("recent: keeps as many of the most recent context tokens as RCC has slots (n/r, padded to whole windows)")
     for name, why in skipped.items():
