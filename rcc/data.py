@@ -11,6 +11,7 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from .config import windows_for
 from .errors import RCCError
 from .memory import atomic_write_text
 from .prompts import ASSISTANT, build
-from .windows import pad_to_windows
+from .windows import pad_to_windows, window_of
 
 log = logging.getLogger(__name__)
 
@@ -604,11 +605,24 @@ class PretrainBatches(torch.utils.data.Dataset):
 @dataclass
 class Example:
     """One fine-tuning example: ``context [n]`` to compress, decoder
-    ``input_ids [m]`` and ``labels [m]`` (-100 = not counted)."""
+    ``input_ids [m]`` and ``labels [m]`` (-100 = not counted); ``answer_at``:
+    the context token where the answer first occurs verbatim (-1: nowhere or
+    unknown), the window that ``grad_windows`` always backpropagates through."""
 
     context: np.ndarray
     input_ids: np.ndarray
     labels: np.ndarray
+    answer_at: int = -1
+
+
+def answer_token(text: str, answer: str, offsets) -> int:
+    """Index of the token of ``text`` (``offsets``: the tokenizer's character
+    spans) where ``answer`` first occurs verbatim, or -1."""
+    char = text.find(answer.strip()) if answer.strip() else -1
+    if char < 0 or not offsets:
+        return -1
+    ends = [end for _, end in offsets]
+    return min(bisect.bisect_right(ends, char), len(offsets) - 1)
 
 
 def _hotpot_context(ctx, where: str) -> str:
@@ -708,9 +722,10 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
     report = DataReport()
     rng = random.Random(seed)
     examples: list[Example] = []
-    pending: list[tuple[str, str, str, str]] = []
+    pending: list[tuple[str, str, str, str, str]] = []
+    fast = bool(getattr(tokenizer, "is_fast", False))
 
-    def keep(where: str, ctx, ids, labels) -> None:
+    def keep(where: str, ctx, ids, labels, answer_at: int = -1) -> None:
         if windows_for(len(ctx), window) > max_windows:
             report.skip(f"records longer than max_windows={max_windows} windows",
                         f"{where}: {len(ctx)} tokens to compress > {max_windows} x {window}")
@@ -720,15 +735,18 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
         else:
             if len(ctx) < window:
                 report.notes[f"records shorter than one window ({window} tokens), tiled as at inference"] += 1
-            examples.append(Example(np.asarray(ctx, np.int64), np.asarray(ids, np.int64), np.asarray(labels, np.int64)))
+            examples.append(Example(np.asarray(ctx, np.int64), np.asarray(ids, np.int64), np.asarray(labels, np.int64),
+                                    answer_at))
             report.kept += 1
 
     def flush() -> None:
         if not pending:
             return
-        enc = [tokenizer([p[i] for p in pending], add_special_tokens=False)["input_ids"] for i in (1, 2, 3)]
-        for (where, *_), ctx, prompt, target in zip(pending, *enc):
-            keep(where, ctx, prompt + target, [-100] * len(prompt) + target)
+        texts = tokenizer([p[1] for p in pending], add_special_tokens=False, return_offsets_mapping=fast)
+        enc = [tokenizer([p[i] for p in pending], add_special_tokens=False)["input_ids"] for i in (2, 3)]
+        spans = texts["offset_mapping"] if fast else [None] * len(pending)
+        for (where, text, _, _, answer), ctx, offsets, prompt, target in zip(pending, texts["input_ids"], spans, *enc):
+            keep(where, ctx, prompt + target, [-100] * len(prompt) + target, answer_token(text, answer, offsets))
         pending.clear()
 
     bar = tqdm(unit="rec", desc="reading QA records", disable=not progress, dynamic_ncols=True)
@@ -748,7 +766,7 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
             if tokenizer is None:
                 raise RCCError(f"{where}: text records need a tokenizer; set tokenizer: in the config")
             this_mode = mode if mode != "mixed" else rng.choice(("reconstruct", "manual"))
-            pending.append((where, *qa_texts(*fields, mode=this_mode, answer_suffix=answer_suffix)))
+            pending.append((where, *qa_texts(*fields, mode=this_mode, answer_suffix=answer_suffix), fields[2]))
             if len(pending) >= 256:
                 flush()
         flush()
@@ -766,8 +784,9 @@ class FinetuneBatches(torch.utils.data.Dataset):
 
     ``__getitem__(i)`` is batch ``i mod len(self)`` of epoch ``i // len(self)``:
     ``context_ids [b, c*W]`` (each row padded to whole windows as at
-    inference), ``input_ids``/``labels [b, m]`` right-padded, and
-    ``attention_mask [b, m]`` when some row is padded.
+    inference), ``input_ids``/``labels [b, m]`` right-padded,
+    ``attention_mask [b, m]`` when some row is padded, and ``focus_windows
+    [b]`` (the window holding each row's answer, -1 none) when some row has one.
     """
 
     def __init__(self, examples: list[Example], *, window: int, batch_size: int, seed: int = 0, pad_id: int = 0):
@@ -805,6 +824,9 @@ class FinetuneBatches(torch.utils.data.Dataset):
         batch = {"context_ids": context, "input_ids": ids, "labels": labels}
         if not bool(mask.all()):
             batch["attention_mask"] = mask
+        focus = [window_of(r.answer_at, len(r.context), self.window) if r.answer_at >= 0 else -1 for r in rows]
+        if max(focus) >= 0:
+            batch["focus_windows"] = torch.tensor(focus, dtype=torch.long)
         return batch
 
 

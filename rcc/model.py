@@ -369,6 +369,7 @@ class RCCModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         window_batch_size: int | None = None,
         grad_windows: int | None = None,
+        focus_windows: torch.Tensor | None = None,
     ) -> RCCOutput:
         """One pass over slots + prompt (training and scoring).
 
@@ -385,13 +386,16 @@ class RCCModel(nn.Module):
                 outputs are those of a full pass; only the gradient is truncated
                 (windows are encoded independently), so long contexts cost about
                 a forward pass per extra window.
+            focus_windows: ``[batch]`` with ``grad_windows``: a window of each row
+                that is always among those with gradient (the one that holds the
+                answer, so the encoder learns to pack it); -1 = none, all drawn.
         Returns:
             :class:`RCCOutput` with ``logits [batch, m, vocab]`` and the mean loss.
         """
         ctx = self._check_context(context_ids).to(self.device)
         input_ids = _as_batch(input_ids, "input_ids").to(self.device)
         if grad_windows and torch.is_grad_enabled():
-            embeds, additions = self._slots_with_partial_grad(ctx, int(grad_windows), window_batch_size)
+            embeds, additions = self._slots_with_partial_grad(ctx, int(grad_windows), window_batch_size, focus_windows)
         else:
             parts = list(self.iter_slots(ctx, window_batch_size))
             embeds = torch.cat([p[0] for p in parts], dim=1)
@@ -419,10 +423,12 @@ class RCCModel(nn.Module):
         return RCCOutput(loss=loss, logits=kept[:, 1:])
 
     def _slots_with_partial_grad(
-        self, ctx: torch.Tensor, grad_windows: int, window_batch_size: int | None
+        self, ctx: torch.Tensor, grad_windows: int, window_batch_size: int | None,
+        focus_windows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Slots of ``ctx [batch, n]`` as :meth:`iter_slots` gives them, with
-        gradient through ``grad_windows`` random windows of each row only.
+        gradient through ``grad_windows`` windows of each row only: its focus
+        window (``focus_windows [batch]``, -1 none) and random others.
 
         Returns:
             ``(embeds [batch, P, H_D], additions: L_D x [batch, P, H_D])``.
@@ -434,7 +440,12 @@ class RCCModel(nn.Module):
         if grad_windows >= nw:
             chosen = torch.ones(b, nw, dtype=torch.bool)
         else:
-            picks = torch.rand(b, nw).argsort(dim=1)[:, :grad_windows]
+            scores = torch.rand(b, nw)
+            if focus_windows is not None:  # a focus window sorts first
+                focus = focus_windows.detach().cpu().long()
+                rows = (focus >= 0).nonzero().squeeze(1)
+                scores[rows, focus[rows].clamp(max=nw - 1)] = -1.0
+            picks = scores.argsort(dim=1)[:, :grad_windows]
             chosen = torch.zeros(b, nw, dtype=torch.bool).scatter_(1, picks, True)
         chosen = chosen.reshape(-1).to(flat.device)
         with_grad = chosen.nonzero().squeeze(1)

@@ -54,8 +54,9 @@ class TrainConfig:
             in [min, max] per micro-batch; finetune skips records whose text to
             compress needs more than ``max_windows`` windows.
         grad_windows: backpropagate through at most this many windows of each
-            context, drawn at random each step; the others are encoded without
-            gradient (0: all). Makes long contexts cost about a forward pass per
+            context: the one that holds a finetune record's answer (when it
+            occurs verbatim in the context) and others drawn at random each
+            step; the rest are encoded without gradient (0: all). Makes long contexts cost about a forward pass per
             extra window, so the decoder learns to search many slots cheaply.
         target_tokens: pretrain decoder span (reconstruction span or continuation).
         cue_min / cue_max: reconstruction cue length (uncounted first tokens).

@@ -44,6 +44,15 @@ def pad_to_windows(ids: torch.Tensor, window: int) -> torch.Tensor:
     return torch.cat([ids[:, n - extra :], ids], dim=1)
 
 
+def window_of(position: int, n: int, window: int) -> int:
+    """The window that token ``position`` of an ``n``-token context lands in
+    after :func:`pad_to_windows`: the copy at its own place (the filler
+    prepended to the first window may hold another copy of a late token)."""
+    if n <= window:
+        return 0
+    return (position + windows_for(n, window) * window - n) // window
+
+
 def pool_slots(hidden: torch.Tensor, ratio: int, pooling: str) -> torch.Tensor:
     """Turn per-token states into per-block slots.
 

@@ -250,6 +250,36 @@ def test_finetune_examples_count_only_the_target(tmp_path, tok):
     assert "shorter than one window" in report.summary()
 
 
+def test_finetune_batches_name_the_window_that_holds_the_answer(tmp_path, tok):
+    # the answer sits at varied depths of 1-to-4-window contexts; a record whose
+    # answer is not in its context (and a pre-tokenized one) gets no focus
+    records = []
+    for k, (before, after) in enumerate([(5, 5), (30, 200), (120, 10), (250, 40), (60, 300)]):
+        records.append({"input": f"{text(before, k)} the code is QZX{k}. {text(after, k + 9)}",
+                        "prompt": "What is the code?", "answer": f"QZX{k}"})
+    records.append({"input": text(80, 50), "prompt": "What is the code?", "answer": "zebra"})
+    records.append({"context_ids": [5] * 90, "input_ids": [6, 7], "labels": [-100, 7]})
+    write_jsonl(tmp_path / "qa.jsonl", records)
+    examples, report = load_examples(str(tmp_path / "qa.jsonl"), tok, mode="manual", window=64, max_windows=32,
+                                     max_decoder_tokens=64, answer_suffix="", progress=False)
+    assert report.kept == 7 and sorted(e.answer_at >= 0 for e in examples) == [False] * 2 + [True] * 5
+    assert len({len(e.context) // 64 for e in examples}) >= 3  # contexts of several lengths
+    data = FinetuneBatches(examples, window=64, batch_size=1, seed=0)
+    focused = 0
+    for i in range(len(data)):
+        b = data[i]
+        answer = tok.decode(b["input_ids"][0][b["labels"][0] != -100].tolist())
+        if "focus_windows" not in b:
+            assert answer in ("zebra", tok.decode([7]))
+            continue
+        w = int(b["focus_windows"][0])
+        ctx = tok.decode(b["context_ids"][0].tolist())
+        window = tok.decode(b["context_ids"][0, 64 * w: 64 * (w + 1)].tolist())
+        assert answer in ctx and "Q" in window  # the window where the answer starts ("Q" occurs nowhere else)
+        focused += 1
+    assert focused == 5
+
+
 def test_finetune_batches_group_by_windows_and_pad_on_the_right():
     from rcc.data import Example
 

@@ -7,7 +7,7 @@ import torch
 
 from rcc import CompressedContext, RCCConfig, RCCError, RCCModel
 from rcc.hooks import decoder_layers, inject
-from rcc.windows import pad_to_windows
+from rcc.windows import pad_to_windows, window_of
 from tests.conftest import tiny_backbone, tiny_rcc
 
 ARCHS = ["gpt_neox", "llama", "qwen2", "mistral"]
@@ -35,6 +35,17 @@ def test_padding_follows_the_spec_and_not_the_original_bugs():
     assert pad_to_windows(c, W).tolist() == [[7, 8, 9, 10, 11] + list(range(1, 12))]
     d = torch.arange(1, 17).unsqueeze(0)  # n = 2W: unchanged, no extra window
     assert pad_to_windows(d, W).tolist() == d.tolist()
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 11, 16, 23, 40])
+def test_window_of_finds_each_token_at_its_own_place_after_padding(n):
+    W = 8
+    padded = pad_to_windows(torch.arange(100, 100 + n).unsqueeze(0), W)[0]
+    extra = padded.numel() - n if n > W else 0
+    for p in range(n):
+        w = window_of(p, n, W)
+        assert 0 <= w < padded.numel() // W
+        assert int(padded[w * W + (p + extra) % W]) == 100 + p if n > W else 100 + p in padded[:W].tolist()
 
 
 def test_window_must_be_divisible_by_ratio():
@@ -296,3 +307,13 @@ def test_grad_windows_keeps_outputs_and_truncates_the_gradient_to_chosen_windows
     assert used == [[True] * 4] * 2 and torch.allclose(g_same, g_full, atol=1e-6)
     with torch.no_grad():  # no gradient wanted: the plain path
         assert torch.equal(model(ctx, prompt, grad_windows=1).logits, full.logits)
+    for seed in range(4):  # a focus window is always among them; -1 leaves the row's draw alone
+        torch.manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        out = model(ctx, prompt, labels=prompt, grad_windows=2, focus_windows=torch.tensor([2, -1]))
+        assert torch.equal(out.logits, full.logits)
+        out.loss.backward()
+        rows = table.grad.abs().sum(1)
+        used = [[bool(rows[10 + 10 * (4 * r + w): 20 + 10 * (4 * r + w)].sum() > 0) for w in range(4)]
+                for r in range(2)]
+        assert used[0][2] and [sum(u) for u in used] == [2, 2]
