@@ -380,6 +380,8 @@ class RCCModel(nn.Module):
                 Slot positions are never counted; the last slot's logits predict
                 ``labels[:, 0]`` (spec section 3).
             attention_mask: ``[batch, m]`` for the prompt (1 = real token).
+            window_batch_size: windows of each row encoded together (None: all;
+                with ``grad_windows``, those without gradient go 8 at a time).
             grad_windows: when set and gradients are on, each row backpropagates
                 through this many of its windows, drawn at random (torch's
                 generator); its other windows are encoded without gradient. The
@@ -451,7 +453,7 @@ class RCCModel(nn.Module):
         with_grad = chosen.nonzero().squeeze(1)
         without = (~chosen).nonzero().squeeze(1)
         parts = [self.encode_windows(flat[with_grad])]
-        step = max(1, len(without) if not window_batch_size else int(window_batch_size) * b)
+        step = max(1, int(window_batch_size or 8) * b)  # bounded: all windows at once can exhaust memory
         with torch.no_grad():
             for s in range(0, len(without), step):
                 parts.append(self.encode_windows(flat[without[s : s + step]]))
