@@ -238,16 +238,16 @@ class KVPressMethod(FullContext):
         ctx, info = self.select(_ids(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
         with adapters.disabled(self.decoder):
             cache = self._prefill(pre + ctx)
+            info["kv_positions"] = cache.get_seq_length()  # what the press kept, before decoding grows it
             ids = greedy(self.decoder, post, max_new_tokens, self.stops, cache=cache, start=len(pre) + len(ctx))
-        info["kv_positions"] = cache.get_seq_length()
         return Prediction(_answer_text(self.tokenizer, ids), ids, info)
 
     def continue_ids(self, context_ids, prompt_ids, max_new_tokens):
         ctx, info = self.select(list(context_ids), self._room(len(prompt_ids), max_new_tokens))
         with adapters.disabled(self.decoder):
             cache = self._prefill(ctx)
+            info["kv_positions"] = cache.get_seq_length()
             ids = greedy(self.decoder, list(prompt_ids), max_new_tokens, cache=cache, start=len(ctx))
-        info["kv_positions"] = cache.get_seq_length()
         return Prediction(self.tokenizer.decode(ids), ids, info)
 
 
