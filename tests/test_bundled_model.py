@@ -30,26 +30,30 @@ def test_it_loads_by_name_in_float32_with_its_own_mode(model):
     assert cfg.trained and cfg.encoder_source == cfg.decoder_source == "embedded:smollm2"
     assert (cfg.window, cfg.ratio, cfg.pooling, cfg.instruction_mode) == (512, 8, "last", "manual")
     assert model.dtype == torch.float32  # stored as bfloat16, computed in float32
+    # the tokenizer is the backbone's: it ends an answer where training taught it to (answer_suffix)
+    assert not (MODELS_DIR / DEFAULT_MODEL / "tokenizer").exists() and model.tokenizer.eos_token == "<|im_end|>"
     size = sum(p.stat().st_size for p in (MODELS_DIR / DEFAULT_MODEL).rglob("*") if p.is_file())
     assert size <= 60e6
 
 
 def test_it_reads_pass_keys_out_of_several_windows(model):
-    """Six pass keys, each hidden in 1,536 tokens (three windows, 192 slots): the
-    answer's digits match the key's far above chance (0.1 per position). The
-    exact retrieval is the README test below; the model card has the rates."""
+    """Six pass keys, each hidden in 1,536 tokens (three windows, 192 slots): at
+    least half come back exactly and most digits are in place (chance: 1e-5 a key,
+    0.1 a digit). The shipped model gets 4 of 6 keys and 0.87 of the digits; the
+    model card has the rates at 2k to 128k tokens."""
     from rcc.eval import EvalConfig, passkey
 
     cfg = EvalConfig(task="passkey", lengths=[1536], depths=[0.1, 0.5, 0.9], samples=2, seed=11)
-    right = []
+    digits, exact = [], 0
     for ex in passkey.examples(cfg, model.tokenizer):
         assert len(model.tokenizer(ex.context, add_special_tokens=False).input_ids) > 2 * model.config.window
         answer = model.ask(ex.context, ex.question, max_new_tokens=8).answer.strip()
         key = ex.meta["key"]
-        right.append(sum(a == k for a, k in zip(answer[:5], key)) / 5)
+        digits.append(sum(a == k for a, k in zip(answer[:5], key)) / 5)
+        exact += answer[:5] == key and not answer[5:6].isdigit()
         print(f"{key} -> {answer!r}")
-    print(f"digits in place: {sum(right) / len(right):.2f}")
-    assert sum(right) / len(right) >= 0.4
+    print(f"exact {exact}/6, digits in place: {sum(digits) / len(digits):.2f}")
+    assert exact >= 3 and sum(digits) / len(digits) >= 0.7
 
 
 def test_the_readme_main_command_answers_the_example():

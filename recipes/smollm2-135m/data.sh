@@ -20,3 +20,6 @@ $RCC synth "$OUT/prose/train" -o "$OUT/tasks.jsonl" --tokenizer embedded:smollm2
 # stage 3: short pass-key and needle records for the CPU stage
 $RCC synth "$OUT/prose/train" -o "$OUT/passkey.jsonl" --tokenizer embedded:smollm2 \
     --count 3000 --kinds passkey=0.7,needle=0.3 --min-tokens 300 --max-tokens 1500 --seed 2
+# stage 4: pass-key and needle records of 1 to 32 windows for the second CPU stage
+$RCC synth "$OUT/prose/train" -o "$OUT/passkey-long.jsonl" --tokenizer embedded:smollm2 \
+    --count 4000 --kinds passkey=0.7,needle=0.3 --min-tokens 300 --max-tokens 16k --seed 4

@@ -3,7 +3,7 @@
 # uncompressed SmolLM2 (cut to its 8k window) and the equal-memory recent-tokens baseline.
 #   bash recipes/smollm2-135m/eval.sh [MODEL=rcc-smollm2-135m] [OUT=runs/smollm2-135m/eval]
 # Needs the held-out prose of data.sh (data/smollm2-135m/prose/heldout). On the 2-core CPU
-# machine it takes about half an hour.
+# machine it takes about an hour and a half.
 set -euo pipefail
 MODEL=${1:-rcc-smollm2-135m}
 OUT=${2:-runs/smollm2-135m/eval}
@@ -12,9 +12,13 @@ HELD=${HELD:-data/smollm2-135m/prose/heldout/linux-admin-guide.txt}
 MODES=${MODES:-manual}                      # the bundled model's own mode (stage 3 trained only it)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-$RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${PASSKEY_LENGTHS:-2k,8k,32k,128k}" \
-    --baselines full,recent -o "$OUT/passkey.json"
+$RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${PASSKEY_LENGTHS:-2k,8k,32k}" \
+    --samples "${SAMPLES:-2}" --baselines full,recent -o "$OUT/passkey.json"
+# 128k on its own: one sample a depth (about 4 minutes each for RCC on the 2-core CPU)
+$RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${LONG_LENGTHS:-128k}" \
+    --baselines full,recent -o "$OUT/passkey-long.json"
 $RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${NEEDLE_LENGTHS:-2k,8k,32k}" \
+    --samples "${SAMPLES:-2}" \
     --baselines full,recent --haystack "$HELD" \
     --needle "The secret ingredient of the harbour soup is smoked paprika." \
     --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika" \

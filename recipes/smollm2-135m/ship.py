@@ -1,6 +1,8 @@
 """Copy a trained model folder (``rcc train``'s ``final/``) to where it ships,
 its floating-point tensors stored as bfloat16 (40 MB instead of 80 MB; the
-loader computes in float32 on a CPU).
+loader computes in float32 on a CPU). A model over reloadable backbones ships
+without ``tokenizer/``: the loader takes the backbone's own tokenizer (3.4 MB
+less, and its special tokens as the GGUF file defines them).
 
 Usage: python3 ship.py SRC DST   (DST is replaced atomically)
 """
@@ -34,6 +36,8 @@ def main(src: Path, dst: Path) -> None:
         if stage.get("task") == "finetune" and stage.get("instruction_mode") in ("manual", "reconstruct"):
             config["instruction_mode"] = stage["instruction_mode"]
             (tmp / "rcc_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if config.get("encoder_source") and config.get("decoder_source"):
+        shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
