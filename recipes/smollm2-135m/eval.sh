@@ -3,13 +3,13 @@
 # uncompressed SmolLM2 (cut to its 8k window) and the equal-memory recent-tokens baseline.
 #   bash recipes/smollm2-135m/eval.sh [MODEL=rcc-smollm2-135m] [OUT=runs/smollm2-135m/eval]
 # Needs the held-out prose of data.sh (data/smollm2-135m/prose/heldout). On the 2-core CPU
-# machine it takes about an hour and a half.
+# machine it takes about 75 minutes.
 set -euo pipefail
 MODEL=${1:-rcc-smollm2-135m}
 OUT=${2:-runs/smollm2-135m/eval}
 RCC=${RCC:-rcc}
 HELD=${HELD:-data/smollm2-135m/prose/heldout/linux-admin-guide.txt}
-MODES=${MODES:-manual}                      # the bundled model's own mode (stage 3 trained only it)
+MODES=${MODES:-manual}                      # the bundled model's own mode (stages 3 and 4 trained only it)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 $RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${PASSKEY_LENGTHS:-2k,8k,32k}" \
