@@ -3,7 +3,7 @@
 # uncompressed SmolLM2 (cut to its 8k window) and the equal-memory recent-tokens baseline.
 #   bash recipes/smollm2-135m/eval.sh [MODEL=rcc-smollm2-135m] [OUT=runs/smollm2-135m/eval]
 # Needs the held-out prose of data.sh (data/smollm2-135m/prose/heldout). On the 2-core CPU
-# machine it takes about 75 minutes.
+# machine it takes about 90 minutes.
 set -euo pipefail
 MODEL=${1:-rcc-smollm2-135m}
 OUT=${2:-runs/smollm2-135m/eval}
@@ -17,6 +17,9 @@ $RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${PASSKEY_LENGTHS
 # 128k on its own: one sample a depth (about 4 minutes each for RCC on the 2-core CPU)
 $RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${LONG_LENGTHS:-128k}" \
     --baselines full,recent -o "$OUT/passkey-long.json"
+# reconstruct mode (trained in stage 2 only), RCC alone: the baselines have no modes
+$RCC eval passkey --model "$MODEL" --modes reconstruct --lengths "${PASSKEY_LENGTHS:-2k,8k,32k}" \
+    --samples "${SAMPLES:-2}" -o "$OUT/passkey-reconstruct-mode.json"
 $RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${NEEDLE_LENGTHS:-2k,8k,32k}" \
     --samples "${SAMPLES:-2}" \
     --baselines full,recent --haystack "$HELD" \
