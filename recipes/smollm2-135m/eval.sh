@@ -3,7 +3,7 @@
 # uncompressed SmolLM2 (cut to its 8k window) and the equal-memory recent-tokens baseline.
 #   bash recipes/smollm2-135m/eval.sh [MODEL=rcc-smollm2-135m] [OUT=runs/smollm2-135m/eval]
 # Needs the held-out prose of data.sh (data/smollm2-135m/prose/heldout). On the 2-core CPU
-# machine it takes about 90 minutes.
+# machine it takes about two hours.
 set -euo pipefail
 MODEL=${1:-rcc-smollm2-135m}
 OUT=${2:-runs/smollm2-135m/eval}
@@ -26,5 +26,10 @@ $RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${NEEDLE_LENGTHS:-
     --needle "The secret ingredient of the harbour soup is smoked paprika." \
     --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika" \
     -o "$OUT/needle.json"
+$RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${LONG_LENGTHS:-128k}" \
+    --baselines full,recent --haystack "$HELD" \
+    --needle "The secret ingredient of the harbour soup is smoked paprika." \
+    --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika" \
+    -o "$OUT/needle-long.json"
 $RCC eval reconstruct --model "$MODEL" --lengths 512 --samples 10 --baselines full,recent --text "$HELD" \
     -o "$OUT/reconstruct.json"
