@@ -12,6 +12,9 @@ HELD=${HELD:-data/smollm2-135m/prose/heldout/linux-admin-guide.txt}
 MODES=${MODES:-manual}                      # the bundled model's own mode (stages 3 and 4 trained only it)
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
+# a needle unlike the training templates, hidden in held-out prose
+NEEDLE=(--haystack "$HELD" --needle "The secret ingredient of the harbour soup is smoked paprika."
+        --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika")
 $RCC eval passkey --model "$MODEL" --modes "$MODES" --lengths "${PASSKEY_LENGTHS:-2k,8k,32k}" \
     --samples "${SAMPLES:-2}" --baselines full,recent -o "$OUT/passkey.json"
 # 128k on its own: one sample a depth (about 4 minutes each for RCC on the 2-core CPU)
@@ -22,14 +25,10 @@ $RCC eval passkey --model "$MODEL" --modes reconstruct --lengths "${PASSKEY_LENG
     --samples "${SAMPLES:-2}" -o "$OUT/passkey-reconstruct-mode.json"
 $RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${NEEDLE_LENGTHS:-2k,8k,32k}" \
     --samples "${SAMPLES:-2}" \
-    --baselines full,recent --haystack "$HELD" \
-    --needle "The secret ingredient of the harbour soup is smoked paprika." \
-    --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika" \
+    --baselines full,recent "${NEEDLE[@]}" \
     -o "$OUT/needle.json"
 $RCC eval needle --model "$MODEL" --modes "$MODES" --lengths "${LONG_LENGTHS:-128k}" \
-    --baselines full,recent --haystack "$HELD" \
-    --needle "The secret ingredient of the harbour soup is smoked paprika." \
-    --question "What is the secret ingredient of the harbour soup?" --answer "smoked paprika" \
+    --baselines full,recent "${NEEDLE[@]}" \
     -o "$OUT/needle-long.json"
 $RCC eval reconstruct --model "$MODEL" --lengths 512 --samples 10 --baselines full,recent --text "$HELD" \
     -o "$OUT/reconstruct.json"
