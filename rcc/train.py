@@ -17,7 +17,6 @@ and a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -36,15 +35,15 @@ from .data import FinetuneBatches, PretrainBatches, TokenFile, load_examples, lo
 from .errors import RCCError
 from .memory import atomic_write_text
 from .model import RCCModel
-from .train_config import TrainConfig
+from .train_config import TrainConfig, dotted
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
-CONFIG_NAME = "train_config.json"
+TRAIN_CONFIG_NAME = "train_config.json"
 # options that may change between a run and its resumption without a warning
-_RESUMABLE = {"resume", "progress", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-              "num_workers", "tensorboard"}
+_RESUMABLE = {f"run.{k}" for k in ("resume", "progress", "log_every", "eval_every", "eval_batches", "save_every",
+                                   "keep_checkpoints", "num_workers", "tensorboard")}
 
 
 @dataclass
@@ -100,38 +99,38 @@ def build_model(cfg: TrainConfig) -> RCCModel:
     Raises:
         RCCError: on unloadable backbones or settings that contradict ``init_from``.
     """
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.init_from:
-        model = RCCModel.from_pretrained(cfg.init_from, dtype=dtype)
-        if cfg.window is not None and cfg.window != model.config.window:
-            raise RCCError(f"init_from {cfg.init_from} has window={model.config.window} but the config asks for "
-                           f"{cfg.window}; remove window from the config or start from fresh backbones")
+    dtype = getattr(torch, cfg.model.dtype)
+    if cfg.model.init_from:
+        model = RCCModel.from_pretrained(cfg.model.init_from, dtype=dtype)
+        if cfg.model.window is not None and cfg.model.window != model.config.window:
+            raise RCCError(f"init_from {cfg.model.init_from} has window={model.config.window} but the config asks "
+                           f"for {cfg.model.window}; remove model.window from the config or start from fresh backbones")
         # no parameter depends on the ratio or the pooling: a later stage may change them
-        changes = {k: getattr(cfg, k) for k in ("ratio", "pooling")
-                   if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(model.config, k)}
+        changes = {k: v for k, v in cfg.model.rcc_fields().items() if v != getattr(model.config, k)}
         if changes:
-            model.config = dataclasses.replace(model.config, **changes)  # validated (window % ratio)
-            log.info("init_from %s: continuing with %s", cfg.init_from,
+            model.config = cfg.model.rcc_config(model.config)  # validated (window % ratio)
+            log.info("init_from %s: continuing with %s", cfg.model.init_from,
                      ", ".join(f"{k}={v!r}" for k, v in changes.items()))
     else:
-        enc, tok, enc_src = _backbone(cfg.encoder_backbone or cfg.backbone, dtype, cfg.seed)
-        dec, tok_d, dec_src = _backbone(cfg.decoder_backbone or cfg.backbone, dtype, cfg.seed)
-        model = RCCModel.from_backbones(enc, dec, window=cfg.window or 2048, ratio=cfg.ratio or 32,
-                                        pooling=cfg.pooling or "last", tokenizer=tok or tok_d,
-                                        encoder_source=enc_src, decoder_source=dec_src)
-    if cfg.tokenizer:
-        model.tokenizer = load_tokenizer(cfg.tokenizer)
-    for side, mode in (("encoder", cfg.train_encoder), ("decoder", cfg.train_decoder)):
+        enc, tok, enc_src = _backbone(cfg.model.encoder_backbone or cfg.model.backbone, dtype, cfg.run.seed)
+        dec, tok_d, dec_src = _backbone(cfg.model.decoder_backbone or cfg.model.backbone, dtype, cfg.run.seed)
+        rcc = cfg.model.rcc_config()  # unset window / ratio / pooling: RCCConfig's defaults
+        model = RCCModel.from_backbones(enc, dec, window=rcc.window, ratio=rcc.ratio, pooling=rcc.pooling,
+                                        tokenizer=tok or tok_d, encoder_source=enc_src, decoder_source=dec_src)
+    if cfg.model.tokenizer:
+        model.tokenizer = load_tokenizer(cfg.model.tokenizer)
+    for side, mode in (("encoder", cfg.model.train_encoder), ("decoder", cfg.model.train_decoder)):
         lm = getattr(model, side)
         if mode == "full" and adapters.has_lora(lm):
             adapters.merge_lora(lm)  # adapters of an earlier stage become part of the weights
         if mode == "lora" and not adapters.has_lora(lm):
-            adapters.add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            m = cfg.model
+            adapters.add_lora(lm, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
         for name, p in lm.named_parameters():
             p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
         if mode == "full":
             setattr(model.config, f"{side}_source", None)
-        if cfg.gradient_checkpointing and mode != "frozen":
+        if cfg.model.gradient_checkpointing and mode != "frozen":
             # non-reentrant: the hooks' additions reach the layers by closure, not as inputs
             enable = getattr(lm, "activation_checkpointing_enable", None)  # transformers >= 5.2x
             if enable is not None:
@@ -150,7 +149,7 @@ def _set_modes(model, cfg: TrainConfig, training: bool, accelerator) -> None:
     """Train mode for trained sides; a frozen side stays in eval mode (no dropout)."""
     model.train(training)
     plain = accelerator.unwrap_model(model)
-    for side, mode in (("encoder", cfg.train_encoder), ("decoder", cfg.train_decoder)):
+    for side, mode in (("encoder", cfg.model.train_encoder), ("decoder", cfg.model.train_decoder)):
         if mode == "frozen":
             getattr(plain, side).eval()
 
@@ -162,16 +161,17 @@ def param_groups(model: RCCModel, cfg: TrainConfig) -> list[dict]:
     Raises:
         RCCError: when nothing is trainable.
     """
-    lrs = {"encoder": cfg.lr_encoder, "decoder": cfg.lr_decoder, "glue": cfg.lr_glue}
+    lrs = {"encoder": cfg.optim.lr_encoder, "decoder": cfg.optim.lr_decoder, "glue": cfg.optim.lr_glue}
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         part = "glue" if name.startswith(("G.", "A.")) else name.split(".", 1)[0]
-        decay = p.ndim >= 2 and cfg.weight_decay > 0
+        decay = p.ndim >= 2 and cfg.optim.weight_decay > 0
         group = groups.setdefault((part, decay), {
-            "name": part if decay or cfg.weight_decay == 0 else f"{part}/no_decay", "params": [],
-            "lr": cfg.lr if lrs[part] is None else lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0})
+            "name": part if decay or cfg.optim.weight_decay == 0 else f"{part}/no_decay", "params": [],
+            "lr": cfg.optim.lr if lrs[part] is None else lrs[part],
+            "weight_decay": cfg.optim.weight_decay if decay else 0.0})
         group["params"].append(p)
     if not groups:
         raise RCCError("nothing to train: every parameter is frozen")
@@ -204,42 +204,42 @@ def build_data(cfg: TrainConfig, model: RCCModel):
     window = model.config.window
     vocab = model.decoder.get_input_embeddings().num_embeddings
     if cfg.task == "pretrain":
-        if not isinstance(cfg.train_data, str):
-            raise RCCError("pretrain train_data must be one folder written by `rcc prepare-data`")
-        opts = dict(window=window, batch_size=cfg.batch_size, min_windows=cfg.min_windows,
-                    max_windows=cfg.max_windows, target_tokens=cfg.target_tokens, cue_min=cfg.cue_min,
-                    cue_max=cfg.cue_max, reconstruct_fraction=cfg.reconstruct_fraction,
-                    cross_documents=cfg.cross_documents)
-        train_tokens = TokenFile(cfg.train_data, "train")
+        if not isinstance(cfg.data.train_data, str):
+            raise RCCError("pretrain data.train_data must be one folder written by `rcc prepare-data`")
+        opts = dict(window=window, batch_size=cfg.optim.batch_size, min_windows=cfg.data.min_windows,
+                    max_windows=cfg.data.max_windows, target_tokens=cfg.data.target_tokens, cue_min=cfg.data.cue_min,
+                    cue_max=cfg.data.cue_max, reconstruct_fraction=cfg.data.reconstruct_fraction,
+                    cross_documents=cfg.data.cross_documents)
+        train_tokens = TokenFile(cfg.data.train_data, "train")
         if train_tokens.vocab_size > vocab:
-            raise RCCError(f"{cfg.train_data} was tokenized with a vocabulary of {train_tokens.vocab_size} ids, "
+            raise RCCError(f"{cfg.data.train_data} was tokenized with a vocabulary of {train_tokens.vocab_size} ids, "
                            f"the model has {vocab}; prepare it with the model's tokenizer")
-        train = PretrainBatches(train_tokens, seed=cfg.seed, **opts)
+        train = PretrainBatches(train_tokens, seed=cfg.run.seed, **opts)
         evaluation = None
-        if cfg.eval_batches:
-            eval_tokens = TokenFile(cfg.eval_data or cfg.train_data, "eval")
-            if cfg.eval_data and eval_tokens.num_docs == 0:  # a folder prepared as a whole for evaluation
-                eval_tokens = TokenFile(cfg.eval_data, "train")
+        if cfg.run.eval_batches:
+            eval_tokens = TokenFile(cfg.data.eval_data or cfg.data.train_data, "eval")
+            if cfg.data.eval_data and eval_tokens.num_docs == 0:  # a folder prepared as a whole for evaluation
+                eval_tokens = TokenFile(cfg.data.eval_data, "train")
             if eval_tokens.num_docs == 0:
                 log.warning("%s has an empty eval split; no evaluation", eval_tokens.folder)
             else:
-                evaluation = PretrainBatches(eval_tokens, seed=cfg.seed + 1, **opts)
+                evaluation = PretrainBatches(eval_tokens, seed=cfg.run.seed + 1, **opts)
         return train, evaluation, None
-    opts = dict(mode=cfg.instruction_mode, window=window, max_windows=cfg.max_windows,
-                max_decoder_tokens=cfg.max_decoder_tokens, answer_suffix=cfg.answer_suffix, on_error=cfg.on_error,
-                seed=cfg.seed, progress=cfg.progress)
-    examples, report = load_examples(cfg.train_data, model.tokenizer, **opts)
+    opts = dict(mode=cfg.data.instruction_mode, window=window, max_windows=cfg.data.max_windows,
+                max_decoder_tokens=cfg.data.max_decoder_tokens, answer_suffix=cfg.data.answer_suffix,
+                on_error=cfg.data.on_error, seed=cfg.run.seed, progress=cfg.run.progress)
+    examples, report = load_examples(cfg.data.train_data, model.tokenizer, **opts)
     (log.warning if report.skipped else log.info)("fine-tuning data: %s", report.summary())
-    held = load_examples(cfg.eval_data, model.tokenizer, **opts)[0] if cfg.eval_data else []
+    held = load_examples(cfg.data.eval_data, model.tokenizer, **opts)[0] if cfg.data.eval_data else []
     if not held:
-        examples, held = split_examples(examples, cfg.eval_fraction, cfg.seed)
+        examples, held = split_examples(examples, cfg.data.eval_fraction, cfg.run.seed)
     top = max(int(max(e.context.max(), e.input_ids.max())) for e in examples + held)
     if top >= vocab:
         raise RCCError(f"token id {top} in the fine-tuning data is beyond the model's vocabulary of {vocab}")
     tok = model.tokenizer
     pad = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)) if t is not None), 0)
-    train = FinetuneBatches(examples, window=window, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad)
-    evaluation = FinetuneBatches(held, window=window, batch_size=cfg.batch_size, seed=cfg.seed + 1,
+    train = FinetuneBatches(examples, window=window, batch_size=cfg.optim.batch_size, seed=cfg.run.seed, pad_id=pad)
+    evaluation = FinetuneBatches(held, window=window, batch_size=cfg.optim.batch_size, seed=cfg.run.seed + 1,
                                  pad_id=pad) if held else None
     return train, evaluation, len(train)
 
@@ -295,11 +295,11 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfi
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / CONFIG_NAME, cfg.to_json())
+        atomic_write_text(tmp / TRAIN_CONFIG_NAME, cfg.to_json())
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints(output_dir)[: -cfg.keep_checkpoints]:
+        for old in checkpoints(output_dir)[: -cfg.run.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -307,14 +307,14 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfi
 
 def _resume_point(cfg: TrainConfig, output_dir: Path) -> Path | None:
     existing = checkpoints(output_dir)
-    if cfg.resume == "never":
+    if cfg.run.resume == "never":
         if existing:
             raise RCCError(f"{output_dir} already holds checkpoints (newest {existing[-1].name}); pass resume=auto "
                            "to continue that run, or choose another output_dir")
         return None
-    if cfg.resume == "auto":
+    if cfg.run.resume == "auto":
         return existing[-1] if existing else None
-    path = Path(cfg.resume)
+    path = Path(cfg.run.resume)
     if not (path / STATE_NAME).is_file():
         raise RCCError(f"{path}: not a training checkpoint (no {STATE_NAME})")
     return path
@@ -322,10 +322,10 @@ def _resume_point(cfg: TrainConfig, output_dir: Path) -> Path | None:
 
 def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
     try:
-        saved = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+        saved = dotted(json.loads((path / TRAIN_CONFIG_NAME).read_text()))  # nested, or flat from older versions
+    except (OSError, json.JSONDecodeError, AttributeError, RCCError):
         return
-    changed = sorted(k for k, v in cfg.to_dict().items() if k not in _RESUMABLE and saved.get(k, v) != v)
+    changed = sorted(k for k, v in dotted(cfg.to_dict()).items() if k not in _RESUMABLE and saved.get(k, v) != v)
     if changed:
         log.warning("resuming %s with changed options %s; the run will not repeat an uninterrupted one",
                     path, ", ".join(changed))
@@ -399,32 +399,32 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
 
     cfg = TrainConfig.load(config, overrides)
 
-    precision = cfg.mixed_precision
+    precision = cfg.run.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun
     # on a CPU machine): accelerate runs DDP on gloo only when told cpu=True
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
-        cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)])
+        cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.run.ddp_find_unused_parameters)])
     main = accelerator.is_main_process
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.run.output_dir)
     resume_from = _resume_point(cfg, output_dir)
-    set_seed(cfg.seed)
+    set_seed(cfg.run.seed)
 
     # model and data
     model = build_model(cfg)
     train_batches, eval_batches, epoch_batches = build_data(cfg, model)
     world = accelerator.num_processes
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * epoch_batches / (world * cfg.grad_accum))
-    eval_count = min(cfg.eval_batches, len(eval_batches)) if eval_batches is not None else 0
+    total_steps = cfg.optim.max_steps or math.ceil(cfg.optim.epochs * epoch_batches / (world * cfg.optim.grad_accum))
+    eval_count = min(cfg.run.eval_batches, len(eval_batches)) if eval_batches is not None else 0
 
     # optimiser and schedule (stepped once per optimiser step; not handed to
     # accelerate, which would step it once per process)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.adam_beta1, cfg.adam_beta2))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -452,12 +452,12 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
         log.info("resumed from %s (step %d)", resume_from, state["step"])
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / CONFIG_NAME, cfg.to_json())
+        atomic_write_text(output_dir / TRAIN_CONFIG_NAME, cfg.to_json())
         log.info("training %s: %s; %d steps of %d x %d x %d micro-batches", cfg.task,
-                 _trainable_summary(accelerator.unwrap_model(model)), total_steps, world, cfg.grad_accum,
-                 cfg.batch_size)
+                 _trainable_summary(accelerator.unwrap_model(model)), total_steps, world, cfg.optim.grad_accum,
+                 cfg.optim.batch_size)
     writer = None
-    if main and cfg.tensorboard:
+    if main and cfg.run.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -470,25 +470,25 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     # RNG (whose restored state drives dropout after a resume)
     first = state["micro_step"] * world + accelerator.process_index
     loader = torch.utils.data.DataLoader(
-        train_batches, batch_size=None, num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda",
-        sampler=range(first, total_steps * cfg.grad_accum * world, world), generator=torch.Generator())
+        train_batches, batch_size=None, num_workers=cfg.run.num_workers, pin_memory=accelerator.device.type == "cuda",
+        sampler=range(first, total_steps * cfg.optim.grad_accum * world, world), generator=torch.Generator())
     batches = iter(loader)
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not (main and cfg.progress), unit="step",
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not (main and cfg.run.progress), unit="step",
                dynamic_ncols=True, desc=cfg.task)
     metrics: dict = {}
     running = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, micro-batches, tokens
     clock = time.perf_counter()
-    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
+    deadline = time.monotonic() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
     _set_modes(model, cfg, True, accelerator)
     try:
         while state["step"] < total_steps:
-            for _ in range(cfg.grad_accum):
+            for _ in range(cfg.optim.grad_accum):
                 batch = _to(next(batches), accelerator.device)
                 with accelerator.accumulate(model):
-                    loss = training_loss(model, batch, cfg.grad_windows)
+                    loss = training_loss(model, batch, cfg.data.grad_windows)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state["micro_step"] += 1
@@ -500,7 +500,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
             step = state["step"]
             bar.update(1)
 
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % cfg.run.log_every == 0 or step == total_steps:
                 total = accelerator.reduce(running, "sum")
                 seconds = time.perf_counter() - clock
                 state["tokens"] += int(total[2].item())
@@ -512,7 +512,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 _record(main, output_dir, writer, metrics)
-            if eval_count and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+            if eval_count and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
                 _set_modes(model, cfg, False, accelerator)
                 result = {"step": step, **evaluate(model, eval_batches, eval_count, accelerator)}
                 _set_modes(model, cfg, True, accelerator)
@@ -523,7 +523,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                             f"{result['eval_accuracy']:.3f} ({result['eval_tokens']} tokens)")
                     bar.write(line) if not bar.disable else log.info(line)
                 clock = time.perf_counter()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
                 _save_checkpoint(accelerator, output_dir, dict(state), cfg)
                 clock = time.perf_counter()
             if on_step is not None:
@@ -532,7 +532,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                 _save_checkpoint(accelerator, output_dir, dict(state), cfg)
                 if main:
                     log.warning("max_minutes=%g is spent: stopping at step %d of %d (resume=auto continues)",
-                                cfg.max_minutes, step, total_steps)
+                                cfg.run.max_minutes, step, total_steps)
                 break
     finally:
         bar.close()
@@ -544,11 +544,11 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     final_dir = output_dir / "final"
     if main:
         final.config.trained = True
-        if cfg.task == "finetune" and cfg.instruction_mode != "mixed":
-            final.config.instruction_mode = cfg.instruction_mode
+        if cfg.task == "finetune" and cfg.data.instruction_mode != "mixed":
+            final.config.instruction_mode = cfg.data.instruction_mode
         final.save_pretrained(str(final_dir),
                               include_backbones=not (final.config.encoder_source and final.config.decoder_source))
-        atomic_write_text(final_dir / CONFIG_NAME, cfg.to_json())
+        atomic_write_text(final_dir / TRAIN_CONFIG_NAME, cfg.to_json())
         log.info("saved %s", final_dir)
     accelerator.wait_for_everyone()
     return TrainResult(model=accelerator.unwrap_model(model), final_dir=final_dir, step=state["step"],

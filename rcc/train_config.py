@@ -1,102 +1,76 @@
-"""Training configuration: one dataclass, validated on creation, saved as JSON
-beside every checkpoint. ``rcc train CONFIG.yaml key=value ...`` builds it."""
+"""Training configuration: a few nested dataclasses, validated on creation,
+saved as JSON beside every checkpoint. ``rcc train CONFIG.yaml key=value ...``
+builds it.
+
+The file has one section per concern, plus the task::
+
+    task: pretrain             # or finetune
+    model: {backbone: ..., window: 512, ratio: 32, train_encoder: lora, ...}
+    data:  {train_data: ..., max_windows: 1, target_tokens: 512, ...}
+    optim: {lr: 5.0e-4, batch_size: 16, max_steps: 326, ...}
+    run:   {output_dir: ..., seed: 0, save_every: 250, ...}
+
+``model.window``, ``model.ratio`` and ``model.pooling`` are the fields of
+:class:`rcc.config.RCCConfig` of the same names, and their defaults are
+RCCConfig's (stated once, there). ``null`` (the default here) means *unset*:
+a fresh model takes RCCConfig's default, a run with ``model.init_from`` keeps
+the saved model's value (:meth:`ModelOptions.rcc_config`).
+
+Files, dicts and ``key=value`` overrides written before the sections existed
+(``lr: 1e-4`` at the top level) still load: each such key moves to its section
+(``optim.lr``) and one warning line names the new keys.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
+import logging
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import POOLINGS, RCCConfig
 from .errors import RCCError
 
-TASKS = ("pretrain", "finetune")
+log = logging.getLogger(__name__)
+
+TRAIN_TASKS = ("pretrain", "finetune")
 SIDE_MODES = ("full", "frozen", "lora")
 INSTRUCTION_MODES = ("reconstruct", "manual", "mixed")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run needs (spec section 3).
+class ModelOptions:
+    """``model:`` what is trained.
 
-    Model:
+    Attributes:
         backbone: hub id, local folder, ``"embedded:smollm2"``, or an inline
             transformers config (``{model_type: llama, hidden_size: 64, ...}``,
-            random weights from ``seed``) used for both sides.
+            random weights from ``run.seed``) used for both sides.
         encoder_backbone / decoder_backbone: a different backbone for one side.
         tokenizer: tokenizer to use instead of the backbone's (required by
             ``finetune`` on text with an inline backbone).
         init_from: a saved RCC model (``rcc train`` output ``final/``) to start
             from instead of fresh backbones: the curriculum's second stage, or
             fine-tuning a compression-pretrained model.
-        window / ratio / pooling: W, r and slot pooling of a fresh model
-            (default 2048 / 32 / "last"); with ``init_from`` they must match or be unset.
+        window / ratio / pooling: W, r and slot pooling, the
+            :class:`~rcc.config.RCCConfig` fields. ``None`` (unset): a fresh model
+            takes RCCConfig's default, ``init_from`` keeps the saved model's
+            value. With ``init_from`` a set window must match the saved one;
+            ratio and pooling may change (no parameter depends on them).
         dtype: parameter dtype (mixed precision keeps float32 master weights).
         train_encoder / train_decoder: ``"full"``, ``"frozen"`` or ``"lora"``;
             G and A_i are always trained.
         lora_r / lora_alpha / lora_dropout / lora_target_modules: peft LoRA
             settings (target modules None: peft's default for the architecture).
         gradient_checkpointing: recompute backbone activations in backward.
-
-    Data:
-        task: ``"pretrain"`` (compression pretraining on a token folder from
-            ``rcc prepare-data``) or ``"finetune"`` (QA records, JSONL/JSON/HF).
-        train_data / eval_data: pretrain: a prepared folder (evaluation uses
-            the held-out split of ``eval_data``, else of ``train_data``; a folder
-            prepared with ``--eval-fraction 0`` is used whole); finetune:
-            file(s), folders or ``hf:NAME[:CONFIG][@SPLIT]``.
-        min_windows / max_windows: pretrain contexts have c windows, c uniform
-            in [min, max] per micro-batch; finetune skips records whose text to
-            compress needs more than ``max_windows`` windows.
-        grad_windows: backpropagate through at most this many windows of each
-            context: the one that holds a finetune record's answer (when it
-            occurs verbatim in the context) and others drawn at random each
-            step; the rest are encoded without gradient (0: all). Makes long contexts cost about a forward pass per
-            extra window, so the decoder learns to search many slots cheaply.
-        target_tokens: pretrain decoder span (reconstruction span or continuation).
-        cue_min / cue_max: reconstruction cue length (uncounted first tokens).
-        reconstruct_fraction: share of pretrain samples that reconstruct (the
-            rest continue the text after the encoded part).
-        cross_documents: pretrain spans may cross document boundaries (the
-            token stream is used as one text); else each sample lies in one document.
-        instruction_mode: finetune mode of spec section 2, or ``"mixed"``
-            (each record gets one of the two at random, fixed by ``seed``).
-        answer_suffix: appended to each finetune answer (taught as the stop marker).
-        max_decoder_tokens: finetune records with longer prompt + target are skipped.
-        eval_fraction: finetune without ``eval_data``: share of records held out.
-        on_error: ``"fail"`` or ``"skip"`` malformed finetune records.
-
-    Optimisation:
-        lr, lr_encoder, lr_decoder, lr_glue: learning rates (None: ``lr``);
-            ``lr_glue`` is for G and A_i.
-        weight_decay (matrices only), adam_beta1/2, max_grad_norm (0: off).
-        warmup_steps, min_lr_ratio: linear warm-up, then cosine to ``lr * min_lr_ratio``.
-        batch_size: micro-batch per process; grad_accum: micro-batches per step.
-        max_steps: optimiser steps (pretrain: required); epochs: finetune
-            passes over the data when ``max_steps`` is unset.
-        max_minutes: wall-clock budget of this run (None: none): when it is
-            spent the run saves a checkpoint and ``final`` and stops early
-            (the schedule still assumes ``max_steps``; a later run with
-            ``resume=auto`` continues it).
-        mixed_precision: ``"auto"`` = bf16 on a GPU that supports it, else off.
-
-    Run:
-        output_dir, seed, log_every, eval_every (0: only at the end),
-        eval_batches (0: no evaluation), save_every (0: only at the end), keep_checkpoints,
-        resume (``"auto"``: continue from the newest checkpoint in
-        ``output_dir``; ``"never"``; or a checkpoint folder), num_workers,
-        progress, tensorboard.
-
-    Raises:
-        RCCError: on any invalid value, naming the field and what is allowed.
     """
 
-    # model
     backbone: str | dict | None = None
     encoder_backbone: str | dict | None = None
     decoder_backbone: str | dict | None = None
@@ -113,8 +87,54 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list | None = None
     gradient_checkpointing: bool = False
-    # data
-    task: str = "pretrain"
+
+    def rcc_fields(self) -> dict[str, Any]:
+        """The :class:`RCCConfig` fields this config sets (window, ratio, pooling that are not None)."""
+        return {k: getattr(self, k) for k in ("window", "ratio", "pooling") if getattr(self, k) is not None}
+
+    def rcc_config(self, base: RCCConfig | None = None) -> RCCConfig:
+        """The model config a run trains with: ``base`` (the ``init_from`` model's
+        config) or, for fresh backbones, RCCConfig's defaults, with the fields
+        this config sets replacing theirs.
+
+        Raises:
+            RCCError: when the result is invalid (e.g. a window that is not a multiple of the ratio).
+        """
+        return dataclasses.replace(base, **self.rcc_fields()) if base is not None else RCCConfig(**self.rcc_fields())
+
+
+@dataclass
+class DataOptions:
+    """``data:`` what the model is trained on.
+
+    Attributes:
+        train_data / eval_data: pretrain: a prepared folder (evaluation uses
+            the held-out split of ``eval_data``, else of ``train_data``; a folder
+            prepared with ``--eval-fraction 0`` is used whole); finetune:
+            file(s), folders or ``hf:NAME[:CONFIG][@SPLIT]``.
+        min_windows / max_windows: pretrain contexts have c windows, c uniform
+            in [min, max] per micro-batch; finetune skips records whose text to
+            compress needs more than ``max_windows`` windows.
+        grad_windows: backpropagate through at most this many windows of each
+            context: the one that holds a finetune record's answer (when it
+            occurs verbatim in the context) and others drawn at random each
+            step; the rest are encoded without gradient (0: all). Makes long
+            contexts cost about a forward pass per extra window, so the decoder
+            learns to search many slots cheaply.
+        target_tokens: pretrain decoder span (reconstruction span or continuation).
+        cue_min / cue_max: reconstruction cue length (uncounted first tokens).
+        reconstruct_fraction: share of pretrain samples that reconstruct (the
+            rest continue the text after the encoded part).
+        cross_documents: pretrain spans may cross document boundaries (the
+            token stream is used as one text); else each sample lies in one document.
+        instruction_mode: finetune mode of spec section 2, or ``"mixed"``
+            (each record gets one of the two at random, fixed by ``run.seed``).
+        answer_suffix: appended to each finetune answer (taught as the stop marker).
+        max_decoder_tokens: finetune records with longer prompt + target are skipped.
+        eval_fraction: finetune without ``eval_data``: share of records held out.
+        on_error: ``"fail"`` or ``"skip"`` malformed finetune records.
+    """
+
     train_data: str | list | None = None
     eval_data: str | list | None = None
     min_windows: int = 1
@@ -130,7 +150,22 @@ class TrainConfig:
     max_decoder_tokens: int = 1024
     eval_fraction: float = 0.0
     on_error: str = "fail"
-    # optimisation
+
+
+@dataclass
+class OptimOptions:
+    """``optim:`` how parameters are updated.
+
+    Attributes:
+        lr, lr_encoder, lr_decoder, lr_glue: learning rates (None: ``lr``);
+            ``lr_glue`` is for G and A_i.
+        weight_decay (matrices only), adam_beta1/2, max_grad_norm (0: off).
+        warmup_steps, min_lr_ratio: linear warm-up, then cosine to ``lr * min_lr_ratio``.
+        batch_size: micro-batch per process; grad_accum: micro-batches per step.
+        max_steps: optimiser steps (pretrain: required); epochs: finetune
+            passes over the data when ``max_steps`` is unset.
+    """
+
     lr: float = 1e-4
     lr_encoder: float | None = None
     lr_decoder: float | None = None
@@ -145,10 +180,26 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int | None = None
     epochs: float | None = None
-    max_minutes: float | None = None
-    mixed_precision: str = "auto"
-    ddp_find_unused_parameters: bool = False
-    # run
+
+
+@dataclass
+class RunOptions:
+    """``run:`` where and how the run executes.
+
+    Attributes:
+        output_dir (required), seed, log_every, eval_every (0: only at the end),
+        eval_batches (0: no evaluation), save_every (0: only at the end), keep_checkpoints.
+        resume: ``"auto"`` (continue from the newest checkpoint in ``output_dir``),
+            ``"never"``, or a checkpoint folder.
+        num_workers, progress, tensorboard.
+        max_minutes: wall-clock budget of this run (None: none): when it is
+            spent the run saves a checkpoint and ``final`` and stops early
+            (the schedule still assumes ``optim.max_steps``; a later run with
+            ``resume=auto`` continues it).
+        mixed_precision: ``"auto"`` = bf16 on a GPU that supports it, else off.
+        ddp_find_unused_parameters: passed to DDP.
+    """
+
     output_dir: str | None = None
     seed: int = 0
     log_every: int = 10
@@ -160,96 +211,235 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     tensorboard: bool = True
+    max_minutes: float | None = None
+    mixed_precision: str = "auto"
+    ddp_find_unused_parameters: bool = False
+
+
+SECTIONS: dict[str, type] = {"model": ModelOptions, "data": DataOptions, "optim": OptimOptions, "run": RunOptions}
+# where each option of the old flat form lives now: {"lr": "optim", ...}
+SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _key(name: str) -> str:
+    """The dotted key of an option (``"lr"`` -> ``"optim.lr"``), as messages name it."""
+    return f"{SECTION_OF[name]}.{name}" if name in SECTION_OF else name
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs (spec section 3).
+
+    Attributes:
+        task: ``"pretrain"`` (compression pretraining on a token folder from
+            ``rcc prepare-data``) or ``"finetune"`` (QA records, JSONL/JSON/HF).
+        model / data / optim / run: the sections (:class:`ModelOptions`,
+            :class:`DataOptions`, :class:`OptimOptions`, :class:`RunOptions`);
+            a dict is accepted for each and checked for unknown keys.
+
+    Raises:
+        RCCError: on any invalid value, naming the field (``optim.lr``) and what is allowed.
+    """
+
+    task: str = "pretrain"
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    run: RunOptions = field(default_factory=RunOptions)
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        if self.output_dir is None:
-            raise RCCError("output_dir is not set; give output_dir=PATH (where checkpoints and the model go)")
-        if self.train_data is None:
-            raise RCCError("train_data is not set; give a prepared token folder (pretrain) or QA records (finetune)")
-        if self.backbone is None and self.init_from is None and not (self.encoder_backbone and self.decoder_backbone):
-            raise RCCError("no model: set backbone (hub id, path, embedded:smollm2 or an inline config) or init_from")
-        if self.init_from is not None and (self.backbone or self.encoder_backbone or self.decoder_backbone):
-            raise RCCError("give either init_from (a saved RCC model) or backbone, not both")
-        for name, allowed in (("task", TASKS), ("train_encoder", SIDE_MODES), ("train_decoder", SIDE_MODES),
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _section(name, value))
+            elif not isinstance(value, cls):
+                raise RCCError(f"{name} must be a mapping of option: value; got {value!r}")
+        if not isinstance(self.task, str):
+            raise RCCError(f"task must be str; got {self.task!r} ({type(self.task).__name__})")
+        for name in SECTIONS:
+            _check_types(getattr(self, name), name)
+        m, d, o, r = self.model, self.data, self.optim, self.run
+        if r.output_dir is None:
+            raise RCCError("run.output_dir is not set; give run.output_dir=PATH (where checkpoints and the model go)")
+        if d.train_data is None:
+            raise RCCError("data.train_data is not set; give a prepared token folder (pretrain) "
+                           "or QA records (finetune)")
+        if m.backbone is None and m.init_from is None and not (m.encoder_backbone and m.decoder_backbone):
+            raise RCCError("no model: set model.backbone (hub id, path, embedded:smollm2 or an inline config) "
+                           "or model.init_from")
+        if m.init_from is not None and (m.backbone or m.encoder_backbone or m.decoder_backbone):
+            raise RCCError("give either model.init_from (a saved RCC model) or model.backbone, not both")
+        if self.task not in TRAIN_TASKS:
+            raise RCCError(f"task must be one of {', '.join(TRAIN_TASKS)}; got {self.task!r}")
+        for name, allowed in (("train_encoder", SIDE_MODES), ("train_decoder", SIDE_MODES),
                               ("instruction_mode", INSTRUCTION_MODES), ("mixed_precision", PRECISIONS),
-                              ("dtype", DTYPES), ("on_error", ("fail", "skip"))):
-            if getattr(self, name) not in allowed:
-                raise RCCError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if self.pooling is not None and self.pooling not in ("last", "mean"):
-            raise RCCError(f"pooling must be 'last' or 'mean'; got {self.pooling!r}")
+                              ("dtype", PARAM_DTYPES), ("on_error", ("fail", "skip"))):
+            if self._get(name) not in allowed:
+                raise RCCError(f"{_key(name)} must be one of {', '.join(allowed)}; got {self._get(name)!r}")
+        if m.pooling is not None and m.pooling not in POOLINGS:
+            raise RCCError(f"model.pooling must be {' or '.join(map(repr, POOLINGS))}; got {m.pooling!r}")
         positive = ("lora_r", "min_windows", "max_windows", "target_tokens", "max_decoder_tokens", "batch_size",
                     "grad_accum", "log_every", "keep_checkpoints")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
+            if self._get(name) <= 0:
+                raise RCCError(f"{_key(name)} must be positive; got {self._get(name)}")
         for name in ("window", "ratio", "max_steps", "max_minutes"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise RCCError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("grad_windows", "warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers", "cue_min", "weight_decay",
-                     "max_grad_norm", "lr_encoder", "lr_decoder", "lr_glue", "lr", "lora_dropout"):
-            value = getattr(self, name)
+            if self._get(name) is not None and self._get(name) <= 0:
+                raise RCCError(f"{_key(name)} must be positive; got {self._get(name)}")
+        for name in ("grad_windows", "warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers",
+                     "cue_min", "weight_decay", "max_grad_norm", "lr_encoder", "lr_decoder", "lr_glue", "lr",
+                     "lora_dropout"):
+            value = self._get(name)
             if value is not None and value < 0:
-                raise RCCError(f"{name} must not be negative; got {value}")
+                raise RCCError(f"{_key(name)} must not be negative; got {value}")
         for name in ("reconstruct_fraction", "min_lr_ratio", "eval_fraction", "adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise RCCError(f"{name} must be within [0, 1]; got {getattr(self, name)}")
-        if self.eval_fraction >= 1.0:
-            raise RCCError("eval_fraction must be below 1 (some records must remain for training)")
-        if self.min_windows > self.max_windows:
-            raise RCCError(f"min_windows ({self.min_windows}) is larger than max_windows ({self.max_windows})")
-        if self.cue_min > self.cue_max:
-            raise RCCError(f"cue_min ({self.cue_min}) is larger than cue_max ({self.cue_max})")
+            if not 0.0 <= self._get(name) <= 1.0:
+                raise RCCError(f"{_key(name)} must be within [0, 1]; got {self._get(name)}")
+        if d.eval_fraction >= 1.0:
+            raise RCCError("data.eval_fraction must be below 1 (some records must remain for training)")
+        if d.min_windows > d.max_windows:
+            raise RCCError(f"data.min_windows ({d.min_windows}) is larger than data.max_windows ({d.max_windows})")
+        if d.cue_min > d.cue_max:
+            raise RCCError(f"data.cue_min ({d.cue_min}) is larger than data.cue_max ({d.cue_max})")
+        # a fresh model's RCCConfig exists now: its own checks (window a multiple of ratio) run here
+        try:
+            fresh = m.rcc_config() if m.init_from is None else None
+        except RCCError as err:
+            raise RCCError(f"model: {err}") from None
         if self.task == "pretrain":
-            if self.max_steps is None:
-                raise RCCError("pretrain needs max_steps (the number of optimiser steps)")
-            if self.reconstruct_fraction > 0 and self.cue_max >= self.target_tokens:
-                raise RCCError(f"cue_max ({self.cue_max}) must be smaller than target_tokens "
-                               f"({self.target_tokens}) so that some span tokens are counted")
-            window = self.window or 2048
-            if self.reconstruct_fraction > 0 and self.target_tokens > self.min_windows * window and self.init_from is None:
-                raise RCCError(f"a reconstruction span of target_tokens={self.target_tokens} does not fit in a "
-                               f"context of min_windows={self.min_windows} x window={window} tokens")
-        elif self.max_steps is None and self.epochs is None:
-            raise RCCError("finetune needs max_steps or epochs")
-        if self.epochs is not None and self.epochs <= 0:
-            raise RCCError(f"epochs must be positive; got {self.epochs}")
-        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
-            raise RCCError(f"resume must be 'auto', 'never' or a checkpoint folder; {self.resume!r} is not a folder")
+            if o.max_steps is None:
+                raise RCCError("pretrain needs optim.max_steps (the number of optimiser steps)")
+            if d.reconstruct_fraction > 0 and d.cue_max >= d.target_tokens:
+                raise RCCError(f"data.cue_max ({d.cue_max}) must be smaller than data.target_tokens "
+                               f"({d.target_tokens}) so that some span tokens are counted")
+            if fresh is not None and d.reconstruct_fraction > 0 and d.target_tokens > d.min_windows * fresh.window:
+                raise RCCError(f"a reconstruction span of data.target_tokens={d.target_tokens} does not fit in a "
+                               f"context of data.min_windows={d.min_windows} x model.window={fresh.window} tokens")
+        elif o.max_steps is None and o.epochs is None:
+            raise RCCError("finetune needs optim.max_steps or optim.epochs")
+        if o.epochs is not None and o.epochs <= 0:
+            raise RCCError(f"optim.epochs must be positive; got {o.epochs}")
+        if r.resume not in ("auto", "never") and not Path(r.resume).is_dir():
+            raise RCCError(f"run.resume must be 'auto', 'never' or a checkpoint folder; {r.resume!r} is not a folder")
+
+    def _get(self, name: str) -> Any:
+        return getattr(getattr(self, SECTION_OF[name]), name)
 
     # ------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
+        """The nested form: ``{"task": ..., "model": {...}, "data": {...}, "optim": {...}, "run": {...}}``."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Raises RCCError on unknown keys, suggesting the closest known one."""
-        names = [f.name for f in dataclasses.fields(cls)]
+    def from_dict(cls, data: dict[str, Any], source: str = "training config") -> "TrainConfig":
+        """A config from its nested form; keys of the old flat form move to their
+        section with a deprecation warning (:func:`nest_flat`).
+
+        Raises:
+            RCCError: on unknown keys (suggesting the closest known one) or an invalid value.
+        """
+        data = nest_flat(data, source)
         for key in data:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-                raise RCCError(f"unknown training option {key!r}{hint}")
+            if key != "task" and key not in SECTIONS:
+                raise RCCError(f"unknown training option {key!r}{_hint(key)}")
         return cls(**data)
 
     @classmethod
     def load(cls, source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
         """A config from a YAML (or JSON) file or a dict, with ``key=value`` overrides.
 
-        Values are parsed as YAML (``lr=3e-4``, ``resume=never``,
-        ``lora_target_modules=[q_proj,v_proj]``); ``backbone.hidden_size=32``
-        sets one key of a dict-valued option.
+        Values are parsed as YAML (``optim.lr=3e-4``, ``run.resume=never``,
+        ``model.lora_target_modules=[q_proj,v_proj]``); ``model.backbone.hidden_size=32``
+        sets one key of a dict-valued option. The old flat form (a file or dict
+        with ``lr: 1e-4`` at the top, an override ``lr=3e-4``) still loads, with
+        one warning line that names the new keys.
 
         Raises:
             RCCError: on an unreadable file, bad YAML, a malformed override or an invalid value.
         """
         if isinstance(source, TrainConfig):
             source = source.to_dict()
+        name = "training config" if source is None or isinstance(source, dict) else str(source)
         data = dict(source) if isinstance(source, dict) else read_yaml(source) if source is not None else {}
-        return cls.from_dict(apply_overrides(data, overrides))
+        data = nest_flat(data, name)
+        heads = [item.partition("=")[0].split(".")[0] for item in overrides]
+        if any(head in SECTION_OF for head in heads):
+            _warn_flat("overrides", [head for head in heads if head in SECTION_OF])
+        overrides = [_key(head) + item[len(head):] for head, item in zip(heads, overrides)]
+        return cls.from_dict(apply_overrides(data, overrides), name)
+
+
+def nest_flat(data: dict[str, Any], source: str = "training config", warn: bool = True) -> dict[str, Any]:
+    """``data`` with options of the old flat form (``lr``) moved into their section
+    (``optim.lr``); logs one deprecation warning naming the new keys (unless ``warn`` is False).
+
+    Raises:
+        RCCError: when an option is given both ways (``lr`` and ``optim.lr``).
+    """
+    out = json.loads(json.dumps({k: v for k, v in data.items() if k not in SECTION_OF}))  # a deep copy
+    for name in SECTIONS:
+        if name in out and out[name] is None:  # `run:` with every option commented out
+            out[name] = {}
+    flat = [k for k in data if k in SECTION_OF]
+    for key in flat:
+        node = out.setdefault(SECTION_OF[key], {})
+        if not isinstance(node, dict):
+            break  # the section itself is malformed; TrainConfig says so
+        if key in node:
+            raise RCCError(f"{key} is given twice, as {key} and {_key(key)}; keep only {_key(key)}")
+        node[key] = json.loads(json.dumps(data[key]))
+    if flat and warn:
+        _warn_flat(source, flat)
+    return out
+
+
+def _warn_flat(source: str, keys: list[str]) -> None:
+    log.warning("%s: flat training options are deprecated; write %s", source,
+                ", ".join(f"{k} as {_key(k)}" for k in keys))
+
+
+def dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (nested or flat) as one level of dotted keys: ``{"task": ..., "optim.lr": ...}``."""
+    out = {}
+    for key, value in nest_flat(data, warn=False).items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _hint(key: str, section: str | None = None) -> str:
+    """``"; did you mean 'optim.lr'?"`` for an unknown key, or the known keys."""
+    if section is None:  # a top-level key: a section, the task, or an option of the flat form
+        names = ["task", *SECTIONS, *SECTION_OF]
+        close = difflib.get_close_matches(key, names, n=1)
+        if close:
+            return f"; did you mean {_key(close[0])!r}?"
+        return f"; known keys: task, {', '.join(SECTIONS)}"
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return f"; did you mean {section + '.' + close[0]!r}?"
+    if key in SECTION_OF:  # the right option in the wrong section
+        return f"; did you mean {_key(key)!r}?"
+    close = difflib.get_close_matches(key, list(SECTION_OF), n=1)
+    if close:
+        return f"; did you mean {_key(close[0])!r}?"
+    return f"; known keys of {section}: {', '.join(names)}"
+
+
+def _section(name: str, values: dict[str, Any]):
+    """The ``name`` section's dataclass from a dict. Raises RCCError on unknown keys."""
+    cls = SECTIONS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise RCCError(f"unknown training option {name + '.' + str(key)!r}{_hint(str(key), name)}")
+    return cls(**values)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -263,7 +453,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise RCCError(f"override {item!r} is not KEY=VALUE (e.g. lr=3e-4)")
+            raise RCCError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -332,19 +522,19 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True
 
 
-def _check_types(cfg: TrainConfig) -> None:
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+def _check_types(section: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
         if isinstance(value, str) and hints[f.name] in (float, float | None):
             try:  # YAML 1.1 reads 1e-4 (no dot) as a string
                 value = float(value)
-                setattr(cfg, f.name, value)
+                setattr(section, f.name, value)
             except ValueError:
                 pass
         if not _accepts(value, hints[f.name]):
             want = " or ".join("null" if h is type(None) else getattr(h, "__name__", str(h))
                                for h in (typing.get_args(hints[f.name]) or (hints[f.name],)))
-            raise RCCError(f"{f.name} must be {want}; got {value!r} ({type(value).__name__})")
+            raise RCCError(f"{prefix}.{f.name} must be {want}; got {value!r} ({type(value).__name__})")
         if hints[f.name] in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
-            setattr(cfg, f.name, float(value))
+            setattr(section, f.name, float(value))

@@ -303,15 +303,16 @@ def test_finetune_batches_group_by_windows_and_pad_on_the_right():
 def test_bad_finetune_records_stop_rcc_train_with_file_and_line(tmp_path, tok_dir, capsys):
     write_jsonl(tmp_path / "qa.jsonl", [PWC, {"input": "x", "prompt": "y"}])
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"task: finetune\ntrain_data: {tmp_path / 'qa.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
-                   "max_steps: 1\nbackbone: {model_type: llama, vocab_size: 300, hidden_size: 32, num_hidden_layers: 1,"
-                   " num_attention_heads: 2, intermediate_size: 64}\nwindow: 32\nratio: 4\nprogress: false\n"
-                   f"tokenizer: {tok_dir}\n")
+    cfg.write_text(f"task: finetune\ndata:\n  train_data: {tmp_path / 'qa.jsonl'}\n"
+                   f"run:\n  output_dir: {tmp_path / 'run'}\n  progress: false\noptim:\n  max_steps: 1\n"
+                   "model:\n  backbone: {model_type: llama, vocab_size: 300, hidden_size: 32, num_hidden_layers: 1,"
+                   " num_attention_heads: 2, intermediate_size: 64}\n  window: 32\n  ratio: 4\n"
+                   f"  tokenizer: {tok_dir}\n")
     code = main(["train", str(cfg)])
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'qa.jsonl'}:2: missing field 'answer'" in err
     (tmp_path / "empty.jsonl").write_text("\n")
-    assert main(["train", str(cfg), f"train_data={tmp_path / 'empty.jsonl'}"]) == 2
+    assert main(["train", str(cfg), f"data.train_data={tmp_path / 'empty.jsonl'}"]) == 2
     assert "empty.jsonl: empty file" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from rcc import RCCError, RCCModel
 from rcc.cli import main
 from rcc.data import write_token_folder
 from rcc.train import build_model, checkpoints, lr_factor, param_groups, train, training_loss
-from rcc.train_config import TrainConfig
+from rcc.train_config import SECTION_OF, TrainConfig
 from tests.conftest import tiny_backbone
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/reference_tiny_neox"
@@ -41,11 +41,15 @@ def tokens(tmp_path_factory):
 
 
 def tiny(tokens, out, **over):
-    cfg = dict(backbone=dict(BACKBONE), window=16, ratio=4, train_data=tokens, output_dir=str(out), max_steps=4,
-               min_windows=1, max_windows=2, target_tokens=8, cue_min=2, cue_max=3, reconstruct_fraction=0.5,
-               batch_size=3, lr=3e-3, lr_glue=1e-2, warmup_steps=2, log_every=1, eval_every=2, eval_batches=2,
-               save_every=0, progress=False, resume="never")
-    cfg.update(over)
+    """A tiny run's config in the nested form; ``over`` names options by field (placed in their section)."""
+    options = dict(backbone=dict(BACKBONE), window=16, ratio=4, train_data=tokens, output_dir=str(out), max_steps=4,
+                   min_windows=1, max_windows=2, target_tokens=8, cue_min=2, cue_max=3, reconstruct_fraction=0.5,
+                   batch_size=3, lr=3e-3, lr_glue=1e-2, warmup_steps=2, log_every=1, eval_every=2, eval_batches=2,
+                   save_every=0, progress=False, resume="never")
+    options.update(over)
+    cfg: dict = {}
+    for key, value in options.items():
+        cfg.setdefault(SECTION_OF[key], {})[key] = value
     return cfg
 
 
@@ -67,10 +71,11 @@ def test_fixture_training_loss_equals_the_original(tmp_path):
         for ids, labels in zip(case["input_ids"], case["labels"]):
             assert all(t == -100 for t in labels[:64])  # the 64 slot positions are never counted
             fh.write(json.dumps({"context_ids": ids[:2048], "input_ids": ids[2048:], "labels": labels[64:]}) + "\n")
-    result = train(dict(task="finetune", init_from=str(tmp_path / "ref"), train_data=str(tmp_path / "train.jsonl"),
-                        dtype="float64", lr=0.0, max_steps=1, batch_size=2, warmup_steps=0, log_every=1,
-                        eval_every=0, save_every=0, max_decoder_tokens=256, output_dir=str(tmp_path / "run"),
-                        progress=False))
+    result = train(dict(task="finetune", model=dict(init_from=str(tmp_path / "ref"), dtype="float64"),
+                        data=dict(train_data=str(tmp_path / "train.jsonl"), max_decoder_tokens=256),
+                        optim=dict(lr=0.0, max_steps=1, batch_size=2, warmup_steps=0),
+                        run=dict(log_every=1, eval_every=0, save_every=0, output_dir=str(tmp_path / "run"),
+                                 progress=False)))
     logged = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     print(f"fixture loss: recorded {case['loss']!r}, rcc train {logged['loss']!r}")
     assert abs(logged["loss"] - case["loss"]) < 1e-9
@@ -83,33 +88,35 @@ def test_fixture_training_loss_equals_the_original(tmp_path):
 # ------------------------------------------------------------------- config
 def test_config_file_overrides_and_validation(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("backbone: {model_type: llama, hidden_size: 64}\ntrain_data: d\noutput_dir: o\nmax_steps: 10\n"
-                    "lr: 1e-4\n")
-    cfg = TrainConfig.load(path, ["backbone.hidden_size=32", "lr_glue=1e-3", "lora_target_modules=[q_proj, v_proj]"])
-    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)  # YAML 1.1 reads 1e-4 as text
-    assert cfg.backbone == {"model_type": "llama", "hidden_size": 32} and cfg.lr_glue == 1e-3
-    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    path.write_text("model:\n  backbone: {model_type: llama, hidden_size: 64}\ndata:\n  train_data: d\n"
+                    "run:\n  output_dir: o\noptim:\n  max_steps: 10\n  lr: 1e-4\n")
+    cfg = TrainConfig.load(path, ["model.backbone.hidden_size=32", "optim.lr_glue=1e-3",
+                                  "model.lora_target_modules=[q_proj, v_proj]"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-4 as text
+    assert cfg.model.backbone == {"model_type": "llama", "hidden_size": 32} and cfg.optim.lr_glue == 1e-3
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
     with pytest.raises(RCCError, match="unknown training option 'learning_rate'"):
         TrainConfig.load(path, ["learning_rate=1"])
-    with pytest.raises(RCCError, match="did you mean 'max_steps'"):
-        TrainConfig.load(path, ["max_step=1"])
+    with pytest.raises(RCCError, match="did you mean 'optim.max_steps'"):
+        TrainConfig.load(path, ["optim.max_step=1"])
     with pytest.raises(RCCError, match="train_encoder must be one of full, frozen, lora"):
-        TrainConfig.load(path, ["train_encoder=partly"])
+        TrainConfig.load(path, ["model.train_encoder=partly"])
     with pytest.raises(RCCError, match="batch_size must be int"):
-        TrainConfig.load(path, ["batch_size=two"])
-    with pytest.raises(RCCError, match="pretrain needs max_steps"):
-        TrainConfig.load(path, ["max_steps=null"])
+        TrainConfig.load(path, ["optim.batch_size=two"])
+    with pytest.raises(RCCError, match="pretrain needs optim.max_steps"):
+        TrainConfig.load(path, ["optim.max_steps=null"])
     with pytest.raises(RCCError, match="does not fit in a context"):
-        TrainConfig.load(path, ["target_tokens=4096"])
+        TrainConfig.load(path, ["data.target_tokens=4096"])
     with pytest.raises(RCCError, match="grad_windows must not be negative"):
-        TrainConfig.load(path, ["grad_windows=-1"])
+        TrainConfig.load(path, ["data.grad_windows=-1"])
 
 
 def test_print_config_and_a_missing_file_from_the_cli(tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    path.write_text("backbone: embedded:smollm2\ntrain_data: d\noutput_dir: o\nmax_steps: 10\n")
-    assert main(["train", "--print-config", str(path), "ratio=16"]) == 0
-    assert json.loads(capsys.readouterr().out)["ratio"] == 16
+    path.write_text("model: {backbone: embedded:smollm2}\ndata: {train_data: d}\nrun: {output_dir: o}\n"
+                    "optim: {max_steps: 10}\n")
+    assert main(["train", "--print-config", str(path), "model.ratio=16"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["ratio"] == 16
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: no such config file" in capsys.readouterr().err
 
@@ -254,10 +261,13 @@ def test_finetune_on_qa_text_records_in_both_modes(tmp_path):
     records = [{"input": " ".join(rng.choice(words, int(rng.integers(5, 40)))), "prompt": "Who lit the lamp?",
                 "answer": "the keeper"} for _ in range(12)]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = dict(task="finetune", backbone=dict(BACKBONE, vocab_size=len(tok)), tokenizer=str(tmp_path / "tok"),
-               window=32, ratio=4, train_data=str(tmp_path / "qa.jsonl"), eval_fraction=0.25, instruction_mode="mixed",
-               max_windows=8, batch_size=2, epochs=1, lr=1e-3, warmup_steps=1, log_every=1, eval_every=0,
-               save_every=0, output_dir=str(tmp_path / "run"), progress=False)
+    cfg = dict(task="finetune",
+               model=dict(backbone=dict(BACKBONE, vocab_size=len(tok)), tokenizer=str(tmp_path / "tok"), window=32,
+                          ratio=4),
+               data=dict(train_data=str(tmp_path / "qa.jsonl"), eval_fraction=0.25, instruction_mode="mixed",
+                         max_windows=8),
+               optim=dict(batch_size=2, epochs=1, lr=1e-3, warmup_steps=1),
+               run=dict(log_every=1, eval_every=0, save_every=0, output_dir=str(tmp_path / "run"), progress=False))
     result = train(cfg)
     examples, report = load_examples(str(tmp_path / "qa.jsonl"), tok, mode="mixed", window=32, max_windows=8,
                                      max_decoder_tokens=1024, answer_suffix="<|im_end|>", progress=False)
@@ -271,8 +281,10 @@ def test_finetune_on_qa_text_records_in_both_modes(tmp_path):
     mixed = RCCModel.from_pretrained(str(result.final_dir))
     assert mixed.tokenizer is not None and mixed.config.instruction_mode is None  # both modes: no default of its own
     # a manual-only stage makes manual the model's own mode: ask() without a mode uses it
-    manual = train(dict(cfg, init_from=str(result.final_dir), backbone=None, tokenizer=None, window=None, ratio=None,
-                        instruction_mode="manual", epochs=None, max_steps=1, output_dir=str(tmp_path / "run2")))
+    manual = train(dict(cfg, model=dict(init_from=str(result.final_dir)),
+                        data=dict(cfg["data"], instruction_mode="manual"),
+                        optim=dict(cfg["optim"], epochs=None, max_steps=1),
+                        run=dict(cfg["run"], output_dir=str(tmp_path / "run2"))))
     loaded = RCCModel.from_pretrained(str(manual.final_dir))
     assert loaded.config.instruction_mode == "manual"
     context = " ".join(words)

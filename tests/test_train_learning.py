@@ -55,13 +55,16 @@ def test_rcc_train_learns_to_reconstruct_from_the_slots(tmp_path):
     rng = np.random.default_rng(0)
     write_token_folder(tmp_path / "tokens", {"train": [rng.integers(1, V, 2 * W) for _ in range(500)],
                                              "eval": [rng.integers(1, V, 2 * W) for _ in range(50)]}, V)
-    cfg = dict(backbone=dict(model_type="llama", vocab_size=V, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=256),
-               window=W, ratio=RATIO, task="pretrain", train_data=str(tmp_path / "tokens"),
-               output_dir=str(tmp_path / "run"), min_windows=1, max_windows=1, target_tokens=W, cue_min=2, cue_max=2,
-               reconstruct_fraction=1.0, batch_size=16, max_steps=400, lr=3e-3, warmup_steps=20, log_every=50,
-               eval_every=200, eval_batches=4, save_every=0, progress=False)
+    cfg = dict(task="pretrain",
+               model=dict(backbone=dict(model_type="llama", vocab_size=V, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                        max_position_embeddings=256),
+                          window=W, ratio=RATIO),
+               data=dict(train_data=str(tmp_path / "tokens"), min_windows=1, max_windows=1, target_tokens=W,
+                         cue_min=2, cue_max=2, reconstruct_fraction=1.0),
+               optim=dict(batch_size=16, max_steps=400, lr=3e-3, warmup_steps=20),
+               run=dict(output_dir=str(tmp_path / "run"), log_every=50, eval_every=200, eval_batches=4, save_every=0,
+                        progress=False))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
 
