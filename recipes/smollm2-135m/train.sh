@@ -4,7 +4,7 @@
 # cpu-longer.yaml: run on the 2-core CPU). Extra KEY=VALUE arguments go to every stage.
 #   bash recipes/smollm2-135m/train.sh
 #   LAUNCH="accelerate launch -m rcc.cli" bash recipes/smollm2-135m/train.sh   # several GPUs
-# STAGE1=... / STAGE2=... / STAGE3=... / STAGE4=... pass options to one stage only (e.g. STAGE1="max_steps=1500").
+# STAGE1=... / STAGE2=... / STAGE3=... / STAGE4=... pass options to one stage only (e.g. STAGE1="optim.max_steps=1500").
 set -euo pipefail
 HERE=$(dirname "$0")
 LAUNCH=${LAUNCH:-rcc}
