@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import RCCConfig
 from .errors import RCCError
 from .eval.config import parse_lengths
 
@@ -78,8 +79,8 @@ class BenchConfig:
     base_model: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    window: int = 2048
-    ratio: int = 32
+    window: int = RCCConfig.window
+    ratio: int = RCCConfig.ratio
     window_batch_size: int | None = 1
     new_tokens: int = 16
     kinds: list[str] = field(default_factory=lambda: list(KINDS))

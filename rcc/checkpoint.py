@@ -257,7 +257,7 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
 
 
 def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | None = None,
-               device=None, window: int = 2048, ratio: int = 32):
+               device=None, window: int = RCCConfig.window, ratio: int = RCCConfig.ratio):
     """Resolve what a user means by a model name (CLI ``--model``, server).
 
     - ``base_model`` given: ``spec`` is the authors' released layout (spec section 5);

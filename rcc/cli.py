@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .config import RCCConfig
 from .errors import RCCError
 
 log = logging.getLogger("rcc")
@@ -340,8 +341,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", help="config (and tokenizer) of the released layout, e.g. EleutherAI/pythia-1.4b")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--window", type=int, default=2048, help="window of a fresh model (default 2048)")
-    p.add_argument("--ratio", type=int, default=32, help="ratio of a fresh model (default 32)")
+    p.add_argument("--window", type=int, default=RCCConfig.window,
+                   help=f"window of a fresh model (default {RCCConfig.window})")
+    p.add_argument("--ratio", type=int, default=RCCConfig.ratio, help=f"ratio of a fresh model (default {RCCConfig.ratio})")
     p.add_argument("--window-batch-size", type=int, default=8, help="windows encoded per step (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 

@@ -3,6 +3,7 @@ deprecation warning naming the new keys), nested overrides, close-match hints
 for unknown keys, one default per fact, and the shipped YAML files."""
 
 import dataclasses
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -148,6 +149,11 @@ def test_one_default_per_fact_a_fresh_model_takes_rccconfig_defaults():
     TrainConfig.load(base, [f"data.target_tokens={default('window')}"])
     with pytest.raises(RCCError, match=f"model.window={default('window')} tokens"):
         TrainConfig.load(base, [f"data.target_tokens={default('window') + 1}"])
+    # the library's other entry points for a fresh model state no default of their own
+    from rcc.model import RCCModel
+
+    params = inspect.signature(RCCModel.from_backbones).parameters
+    assert all(params[name].default == default(name) for name in ("window", "ratio", "pooling"))
     # a set value wins over the default
     assert build_model(TrainConfig.load(base, ["model.window=64", "model.ratio=8"])).config.slots_per_window == 8
 
