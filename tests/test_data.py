@@ -281,10 +281,10 @@ def test_finetune_batches_name_the_window_that_holds_the_answer(tmp_path, tok):
 
 
 def test_finetune_batches_group_by_windows_and_pad_on_the_right():
-    from rcc.data import Example
+    from rcc.data import FinetuneExample
 
     rng = np.random.default_rng(0)
-    ex = [Example(rng.integers(1, 50, n), rng.integers(1, 50, m), rng.integers(1, 50, m))
+    ex = [FinetuneExample(rng.integers(1, 50, n), rng.integers(1, 50, m), rng.integers(1, 50, m))
           for n, m in [(10, 5), (20, 7), (40, 3), (70, 6), (33, 4), (100, 8)]]
     data = FinetuneBatches(ex, window=32, batch_size=2, seed=0, pad_id=0)
     seen = []
