@@ -42,7 +42,7 @@ from .eval.config import parse_lengths
 
 log = logging.getLogger(__name__)
 
-KINDS = ("rcc", "backbone")
+BENCH_KINDS = ("rcc", "backbone")
 # glibc raises its mmap threshold after large frees and then keeps freed tensors in
 # its heap, so peak RSS would follow the allocator's history (one window after
 # another grows it) rather than live memory. A fixed threshold maps every large
@@ -83,14 +83,14 @@ class BenchConfig:
     ratio: int = RCCConfig.ratio
     window_batch_size: int | None = 1
     new_tokens: int = 16
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    kinds: list[str] = field(default_factory=lambda: list(BENCH_KINDS))
     backbone_max_length: int | None = None
     seed: int = 0
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         self.lengths = sorted(set(parse_lengths(self.lengths)))
-        bad = [k for k in self.kinds if k not in KINDS]
+        bad = [k for k in self.kinds if k not in BENCH_KINDS]
         if bad or not self.kinds:
             raise RCCError(f"unknown kinds {bad}; use rcc and/or backbone")
         if self.new_tokens < 2:

@@ -29,7 +29,7 @@ from .eval import passkey
 from .eval.needle import build_haystack, split_sentences
 from .memory import atomic_write_text
 
-KINDS = ("passkey", "needle", "extract")
+RECORD_KINDS = ("passkey", "needle", "extract")
 
 NAMES = ("Ada", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca",
          "Maya", "Nils", "Omar", "Priya", "Quentin", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf", "Zoe")
@@ -97,11 +97,11 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
         sentences: prose sentences (:func:`read_prose`), the haystacks and the
             extract sentences.
         tokenizer: the model's tokenizer (lengths are counted with it).
-        weights: share of each kind in :data:`KINDS` (need not sum to 1).
+        weights: share of each kind in :data:`RECORD_KINDS` (need not sum to 1).
         min_tokens / max_tokens: context length range in tokens.
     """
     rng = random.Random(f"rcc-synth/{seed}")
-    kinds = [k for k in KINDS if weights.get(k, 0) > 0]
+    kinds = [k for k in RECORD_KINDS if weights.get(k, 0) > 0]
     shares = [weights[k] for k in kinds]
     long_enough = [i for i, s in enumerate(sentences) if 8 <= len(s.split()) <= 60]
     if "extract" in kinds and not long_enough:
@@ -144,8 +144,8 @@ def parse_weights(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = item.partition("=")
-        if name not in KINDS:
-            raise RCCError(f"unknown record kind {name!r} in --kinds; choose from {', '.join(KINDS)}")
+        if name not in RECORD_KINDS:
+            raise RCCError(f"unknown record kind {name!r} in --kinds; choose from {', '.join(RECORD_KINDS)}")
         try:
             out[name] = float(value) if sep else 1.0
         except ValueError:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import RCCError
 from ..prompts import MODES
 
-TASKS = ("passkey", "needle", "reconstruct", "qa")
+TASK_NAMES = ("passkey", "needle", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
 BASELINES = ("full", "recent", "kvpress")
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
@@ -137,8 +137,8 @@ class EvalConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise RCCError(f"unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        if self.task not in TASK_NAMES:
+            raise RCCError(f"unknown task {self.task!r}; use one of {', '.join(TASK_NAMES)}")
         self.lengths = parse_lengths(self.lengths)
         self.depths = parse_depths(self.depths)
         self.modes = parse_list(self.modes, MODES, "mode")
