@@ -382,7 +382,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML training config (see configs/ and docs/training.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override config options, e.g. max_steps=100 lr=3e-4 output_dir=runs/x backbone.hidden_size=32")
+                   help="override config options, e.g. optim.max_steps=100 optim.lr=3e-4 run.output_dir=runs/x "
+                        "model.backbone.hidden_size=32")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 

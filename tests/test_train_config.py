@@ -193,3 +193,15 @@ def test_shipped_configs_are_nested_and_valid(path, caplog):
     with caplog.at_level(logging.WARNING, logger="rcc.train_config"):
         TrainConfig.load(path)
     assert deprecations(caplog) == []
+
+
+def test_the_bundled_models_flat_train_config_still_loads(caplog):
+    """The shipped model's train_config.json was written in the flat form."""
+    path = ROOT / "rcc/models/rcc-smollm2-135m/train_config.json"
+    saved = json.loads(path.read_text())
+    assert "instruction_mode" in saved and "data" not in saved  # the old form
+    with caplog.at_level(logging.WARNING, logger="rcc.train_config"):
+        cfg = TrainConfig.load(path)
+    assert len(deprecations(caplog)) == 1
+    assert cfg.data.instruction_mode == saved["instruction_mode"] and cfg.model.ratio == saved["ratio"]
+    assert dotted(saved)["data.instruction_mode"] == saved["instruction_mode"]

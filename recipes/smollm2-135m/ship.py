@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from rcc.train_config import dotted
+
 
 def main(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
@@ -32,9 +34,9 @@ def main(src: Path, dst: Path) -> None:
     # written before rcc_config.json had the field get it from their train config
     config, train = json.loads((tmp / "rcc_config.json").read_text()), tmp / "train_config.json"
     if config.get("instruction_mode") is None and train.is_file():
-        stage = json.loads(train.read_text())
-        if stage.get("task") == "finetune" and stage.get("instruction_mode") in ("manual", "reconstruct"):
-            config["instruction_mode"] = stage["instruction_mode"]
+        stage = dotted(json.loads(train.read_text()))  # nested, or flat from older versions
+        if stage.get("task") == "finetune" and stage.get("data.instruction_mode") in ("manual", "reconstruct"):
+            config["instruction_mode"] = stage["data.instruction_mode"]
             (tmp / "rcc_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if config.get("encoder_source") and config.get("decoder_source"):
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
