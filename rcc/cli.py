@@ -343,7 +343,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--window", type=int, default=RCCConfig.window,
                    help=f"window of a fresh model (default {RCCConfig.window})")
-    p.add_argument("--ratio", type=int, default=RCCConfig.ratio, help=f"ratio of a fresh model (default {RCCConfig.ratio})")
+    p.add_argument("--ratio", type=int, default=RCCConfig.ratio,
+                   help=f"ratio of a fresh model (default {RCCConfig.ratio})")
     p.add_argument("--window-batch-size", type=int, default=8, help="windows encoded per step (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 

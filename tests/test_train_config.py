@@ -176,13 +176,14 @@ def test_a_checkpoint_with_an_old_flat_train_config_resumes(tmp_path, caplog):
     (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*")
     saved = json.loads((checkpoint / "train_config.json").read_text())
     assert set(saved) == {"task", "model", "data", "optim", "run"}  # written nested
-    flat = {"task": saved["task"]} | {k: v for part in ("model", "data", "optim", "run") for k, v in saved[part].items()}
+    flat = {"task": saved["task"]} | {k: v for part in ("model", "data", "optim", "run")
+                                      for k, v in saved[part].items()}
     (checkpoint / "train_config.json").write_text(json.dumps(flat))  # as an older version wrote it
     with caplog.at_level(logging.WARNING, logger="rcc.train"):
         result = train(dict(cfg, optim=dict(cfg["optim"], lr=5e-4)))
     assert result.step == 2
     changed = [r.getMessage() for r in caplog.records if "changed options" in r.getMessage()]
-    assert len(changed) == 1 and "changed options optim.lr;" in changed[0]  # the only difference, by its new key
+    assert len(changed) == 1 and "changed options optim.lr;" in changed[0]  # the one difference, by its new key
 
 
 SHIPPED = sorted([*ROOT.glob("configs/*.yaml"), *ROOT.glob("recipes/*/*.yaml")])
