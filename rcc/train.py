@@ -36,6 +36,7 @@ from .errors import RCCError
 from .memory import atomic_write_text
 from .model import RCCModel
 from .train_config import TrainConfig, dotted
+from .train_state import DEEPSPEED_REFUSAL, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,16 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfig) -> Path:
-    """Model, optimiser, scheduler, RNG states and the data position, written to
-    a temporary folder renamed when complete (a kill never leaves half a checkpoint)."""
+def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfig, parts: tuple) -> Path | None:
+    """Trained parameters, optimiser, scheduler, RNG states (:mod:`rcc.train_state`,
+    no pickles) and the data position, written to a temporary folder renamed when
+    complete (a kill never leaves half a checkpoint). ``parts``: ``(model,
+    optimizer, scheduler)``. Under DeepSpeed nothing is written (see
+    :data:`rcc.train_state.DEEPSPEED_REFUSAL`)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return None
     root = output_dir / "checkpoints"
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".tmp-step-{state['step']:08d}"
@@ -292,7 +300,9 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    model, optimizer, scheduler = parts
+    save_training_state(tmp, model, optimizer, scheduler, fsdp=accelerator.distributed_type == DistributedType.FSDP,
+                        scaler=accelerator.scaler, extra={"accelerator_step": accelerator.step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / TRAIN_CONFIG_NAME, cfg.to_json())
@@ -329,22 +339,6 @@ def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
     if changed:
         log.warning("resuming %s with changed options %s; the run will not repeat an uninterrupted one",
                     path, ", ".join(changed))
-
-
-def _check_checkpoint_holds(folder: Path, trainable: set[str]) -> None:
-    """Raises RCCError unless the checkpoint's model file has every trainable parameter."""
-    from safetensors import safe_open
-
-    path = folder / "model.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            stored = {k.removeprefix("module.") for k in fh.keys()}
-    except Exception as err:  # missing or truncated file
-        raise RCCError(f"{path}: cannot read the checkpoint's weights ({err})") from None
-    missing = sorted(trainable - stored)
-    if missing:
-        raise RCCError(f"{folder} lacks {len(missing)} of the parameters this config trains (e.g. {missing[0]}); "
-                       "it was written by a run that trained other parts of the model")
 
 
 def _out_of_time(deadline: float, accelerator) -> bool:
@@ -426,28 +420,22 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    if not sharded:  # FSDP / DeepSpeed write their own (sharded) model files
-        def only_trainable(_models, weights, _folder):
-            """Checkpoints store what is trained: frozen weights come back from the config on resume."""
-            for w in weights:
-                for key in [k for k in w if k.removeprefix("module.") not in trainable]:
-                    del w[key]
-
-        accelerator.register_save_state_pre_hook(only_trainable)
 
     state = {"step": 0, "micro_step": 0, "tokens": 0, "total_steps": total_steps, "world": world}
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and (cfg.run.save_every or cfg.run.max_minutes) and main:
+        log.warning("DeepSpeed: rcc train writes no checkpoints to resume from (%s)", DEEPSPEED_REFUSAL)
     if resume_from is not None:
+        if deepspeed:
+            raise RCCError(DEEPSPEED_REFUSAL)
         saved = json.loads((resume_from / STATE_NAME).read_text())
         if saved["world"] != world:
             raise RCCError(f"{resume_from} was written by {saved['world']} processes and this run has {world}; "
                            "resume with the same number of processes")
         _check_resume_config(resume_from, cfg)
-        if not sharded:
-            _check_checkpoint_holds(resume_from, trainable)
-        accelerator.load_state(str(resume_from), **({} if sharded else {"strict": False}))
+        extra = load_training_state(resume_from, model, optimizer, scheduler, scaler=accelerator.scaler,
+                                    fsdp=accelerator.distributed_type == DistributedType.FSDP)
+        accelerator.step = extra.get("accelerator_step", saved["micro_step"])
         state.update(saved, total_steps=total_steps)
         log.info("resumed from %s (step %d)", resume_from, state["step"])
     if main:
@@ -524,12 +512,12 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                     bar.write(line) if not bar.disable else log.info(line)
                 clock = time.perf_counter()
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
-                _save_checkpoint(accelerator, output_dir, dict(state), cfg)
+                _save_checkpoint(accelerator, output_dir, dict(state), cfg, (model, optimizer, scheduler))
                 clock = time.perf_counter()
             if on_step is not None:
                 on_step(step, dict(metrics))
             if deadline is not None and step < total_steps and _out_of_time(deadline, accelerator):
-                _save_checkpoint(accelerator, output_dir, dict(state), cfg)
+                _save_checkpoint(accelerator, output_dir, dict(state), cfg, (model, optimizer, scheduler))
                 if main:
                     log.warning("max_minutes=%g is spent: stopping at step %d of %d (resume=auto continues)",
                                 cfg.run.max_minutes, step, total_steps)
