@@ -94,6 +94,41 @@ def load_backbone(source: str, dtype: torch.dtype | None = None):
     return model.eval(), tok
 
 
+def model_from_config(cfg: dict, dtype: torch.dtype | None, where: str) -> nn.Module:
+    """A causal LM with freshly initialised weights from a config dict (``model_type``
+    plus the fields of its transformers config), in eval mode.
+
+    Args:
+        cfg: e.g. an inline ``backbone:`` of a training config or a checkpoint's
+            ``encoder_config``.
+        where: names the config in messages (``"runs/x/final/rcc_config.json (encoder_config)"``).
+    Raises:
+        RCCError: when ``model_type`` is missing or unknown to the installed
+            transformers, or the config does not describe a valid causal LM.
+    """
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = dict(cfg)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise RCCError(f"{where} has no model_type; name the architecture (e.g. model_type: llama)")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise RCCError(f"{where}: unknown model_type {model_type!r} (transformers {transformers.__version__} has no such "
+                       "architecture); fix model_type (e.g. llama, gpt_neox, qwen2) or upgrade transformers")
+    cfg.pop("transformers_version", None)
+    cfg.pop("quantization_config", None)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        detail = " ".join(str(err).split())[:300]  # transformers' messages span lines
+        raise RCCError(f"{where}: cannot build a {model_type} causal LM from this config ({detail})") from None
+    return model.eval()
+
+
 def resolve_local_or_hub(name_or_path: str, allow_patterns: list[str] | None = None) -> Path:
     """A local folder as it is, or a hub repo downloaded to the local cache.
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
-from .backbones import load_backbone, resolve_local_or_hub
+from .backbones import load_backbone, model_from_config, resolve_local_or_hub
 from .bundled import resolve_bundled
 from .config import RCCConfig
 from .errors import RCCError
@@ -24,20 +24,6 @@ CONFIG_NAME = "rcc_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _IGNORABLE_BUFFERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 _HEADS = ("embed_out.weight", "lm_head.weight")
-
-
-def _model_from_config(cfg: dict, dtype: torch.dtype | None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(cfg)
-    model_type = cfg.pop("model_type", None)
-    if model_type is None:
-        raise RCCError("backbone config has no model_type; the checkpoint's config is incomplete")
-    cfg.pop("transformers_version", None)
-    cfg.pop("quantization_config", None)
-    config = AutoConfig.for_model(model_type, **cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(config)
-    return model.eval()
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -138,8 +124,8 @@ def load_original(weights: str, base_model, dtype: torch.dtype | None = None, to
             continue  # unused by the released model
         else:
             dec_state[k] = v
-    encoder = _model_from_config(cfg, dtype)
-    decoder = _model_from_config(cfg, dtype)
+    encoder = model_from_config(cfg, dtype, f"{base_model} (base model config)")
+    decoder = model_from_config(cfg, dtype, f"{base_model} (base model config)")
     _load_strict(encoder, _drop_buffers(_fix_head_name(enc_state, encoder), encoder), f"{weights} (encoder)")
     _load_strict(decoder, _drop_buffers(_fix_head_name(dec_state, decoder), decoder), f"{weights} (decoder)")
     config = RCCConfig(encoder_config=cfg, decoder_config=cfg, trained=True)
@@ -242,8 +228,8 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
                 mine = {k[len(side) + 1 :]: v for k, v in state.items() if k.startswith(side + ".")}
                 apply_lora(module, lora, mine, f"{weights} ({side} adapters)")
     else:
-        encoder = _model_from_config(config.encoder_config, dtype)
-        decoder = _model_from_config(config.decoder_config, dtype)
+        encoder = model_from_config(config.encoder_config, dtype, f"{root / CONFIG_NAME} (encoder_config)")
+        decoder = model_from_config(config.decoder_config, dtype, f"{root / CONFIG_NAME} (decoder_config)")
         _load_strict(encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}, f"{weights} (encoder)")
         _load_strict(decoder, {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}, f"{weights} (decoder)")
     model = RCCModel(encoder, decoder, config, tokenizer=tokenizer)

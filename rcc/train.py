@@ -36,7 +36,7 @@ from .errors import RCCError
 from .memory import atomic_write_text
 from .model import RCCModel
 from .train_config import TrainConfig, dotted
-from .train_state import DEEPSPEED_REFUSAL, load_training_state, save_training_state
+from .train_state import DEEPSPEED_REFUSAL, check_training_state, load_training_state, save_training_state
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +69,11 @@ class TrainResult:
 # ------------------------------------------------------------------ model
 def _backbone(spec, dtype: torch.dtype, seed: int):
     """``(causal LM, tokenizer or None, source or None)`` from a backbone spec."""
-    from .backbones import EMBEDDED, load_backbone
+    from .backbones import EMBEDDED, load_backbone, model_from_config
 
     if isinstance(spec, dict):  # inline config: random weights (tests, toy runs)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = dict(spec)
-        model_type = cfg.pop("model_type", None)
-        if model_type is None:
-            raise RCCError("an inline backbone config needs model_type (e.g. llama, gpt_neox)")
-        try:
-            config = AutoConfig.for_model(model_type, **cfg)
-        except (ValueError, KeyError) as err:
-            raise RCCError(f"inline backbone config: {err}") from None
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype), None, None
+        return model_from_config(spec, dtype, "the inline backbone config").train(), None, None
     source = spec if spec == EMBEDDED or not Path(spec).exists() else str(Path(spec).resolve())
     model, tok = load_backbone(source, dtype)
     return model, tok, source
@@ -323,10 +313,13 @@ def _resume_point(cfg: TrainConfig, output_dir: Path) -> Path | None:
                            "to continue that run, or choose another output_dir")
         return None
     if cfg.run.resume == "auto":
-        return existing[-1] if existing else None
-    path = Path(cfg.run.resume)
-    if not (path / STATE_NAME).is_file():
-        raise RCCError(f"{path}: not a training checkpoint (no {STATE_NAME})")
+        path = existing[-1] if existing else None
+    else:
+        path = Path(cfg.run.resume)
+        if not (path / STATE_NAME).is_file():
+            raise RCCError(f"{path}: not a training checkpoint (no {STATE_NAME})")
+    if path is not None:
+        check_training_state(path)  # refuses an older checkpoint of pickles before any work
     return path
 
 
