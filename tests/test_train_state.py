@@ -199,6 +199,7 @@ def _launch(config: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_stopped_and_resumed_equals_the_uninterrupted_run(tokens, tmp_path):
     """2 processes on gloo, with dropout: a run stopped after step 1 (time
     budget) and resumed to step 3 ends where the uninterrupted run ends; each
@@ -219,3 +220,23 @@ def test_two_process_ddp_run_stopped_and_resumed_equals_the_uninterrupted_run(to
     b = RCCModel.from_pretrained(str(tmp_path / "b" / "final")).state_dict()
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     assert not torch.equal(a["G.weight"], torch.eye(32))  # it did train
+
+
+@pytest.mark.slow
+def test_fsdp2_state_round_trip_resumes_exactly(tmp_path):
+    """The FSDP path (full state dicts gathered and set with
+    torch.distributed.checkpoint.state_dict) on 2 gloo processes and FSDP2:
+    stopped after 2 steps and resumed to 4 equals 4 steps straight."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    for phase in ("straight", "cut", "resume"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(REPO / "tests" / "fsdp_state_worker.py"), str(tmp_path), phase]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    assert {p.name for p in ckpt.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
+    assert set(load_file(str(ckpt / "model.safetensors"))) == {"2.weight", "2.bias", "4.weight", "4.bias"}  # no frozen
+    a, b = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resume.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
