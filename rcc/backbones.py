@@ -16,6 +16,11 @@ from .errors import RCCError
 
 log = logging.getLogger(__name__)
 
+try:  # transformers 5 validates configs with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # an older huggingface_hub
+    _StrictDataclassError = ValueError
+
 EMBEDDED = "embedded:smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -107,7 +112,6 @@ def model_from_config(cfg: dict, dtype: torch.dtype | None, where: str) -> nn.Mo
             transformers, or the config does not describe a valid causal LM.
     """
     import transformers
-    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -123,7 +127,7 @@ def model_from_config(cfg: dict, dtype: torch.dtype | None, where: str) -> nn.Mo
     try:
         config = AutoConfig.for_model(model_type, **cfg)
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
-    except (ValueError, KeyError, TypeError, StrictDataclassError) as err:
+    except (ValueError, KeyError, TypeError, _StrictDataclassError) as err:
         detail = " ".join(str(err).split())[:300]  # transformers' messages span lines
         raise RCCError(f"{where}: cannot build a {model_type} causal LM from this config ({detail})") from None
     return model.eval()

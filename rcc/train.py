@@ -398,6 +398,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     main = accelerator.is_main_process
     output_dir = Path(cfg.run.output_dir)
     resume_from = _resume_point(cfg, output_dir)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and resume_from is not None:
+        raise RCCError(DEEPSPEED_REFUSAL)
     set_seed(cfg.run.seed)
 
     # model and data
@@ -415,12 +418,9 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = {"step": 0, "micro_step": 0, "tokens": 0, "total_steps": total_steps, "world": world}
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed and (cfg.run.save_every or cfg.run.max_minutes) and main:
         log.warning("DeepSpeed: rcc train writes no checkpoints to resume from (%s)", DEEPSPEED_REFUSAL)
     if resume_from is not None:
-        if deepspeed:
-            raise RCCError(DEEPSPEED_REFUSAL)
         saved = json.loads((resume_from / STATE_NAME).read_text())
         if saved["world"] != world:
             raise RCCError(f"{resume_from} was written by {saved['world']} processes and this run has {world}; "
@@ -428,7 +428,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
         _check_resume_config(resume_from, cfg)
         extra = load_training_state(resume_from, model, optimizer, scheduler, scaler=accelerator.scaler,
                                     fsdp=accelerator.distributed_type == DistributedType.FSDP)
-        accelerator.step = extra.get("accelerator_step", saved["micro_step"])
+        accelerator.step = int(extra.get("accelerator_step", saved["micro_step"]))
         state.update(saved, total_steps=total_steps)
         log.info("resumed from %s (step %d)", resume_from, state["step"])
     if main:

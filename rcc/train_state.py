@@ -297,7 +297,12 @@ def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer, s
         plain = _plain(model)
         _load_trained(plain, weights, folder / MODEL)
         optimizer.load_state_dict(optim)
-    scheduler.load_state_dict(_read_json(folder / SCHEDULER))
+    saved = _read_json(folder / SCHEDULER)
+    live = scheduler.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(live) or saved.get("lr_lambdas") != live.get("lr_lambdas"):
+        raise RCCError(f"{folder / SCHEDULER}: not the state of this run's learning-rate schedule; "
+                       "delete the checkpoint to resume from an earlier one")
+    scheduler.load_state_dict(saved)  # JSON data only; the fields are checked against the live schedule's
     if scaler is not None and manifest.get("scaler") is not None:
         scaler.load_state_dict(manifest["scaler"])
     tensors, meta = _read_tensors(folder / rng_name(rank))
