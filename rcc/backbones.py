@@ -120,8 +120,8 @@ def model_from_config(cfg: dict, dtype: torch.dtype | None, where: str) -> nn.Mo
     if not model_type:
         raise RCCError(f"{where} has no model_type; name the architecture (e.g. model_type: llama)")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise RCCError(f"{where}: unknown model_type {model_type!r} (transformers {transformers.__version__} has no such "
-                       "architecture); fix model_type (e.g. llama, gpt_neox, qwen2) or upgrade transformers")
+        raise RCCError(f"{where}: unknown model_type {model_type!r} (transformers {transformers.__version__} has no "
+                       "such architecture); fix model_type (e.g. llama, gpt_neox, qwen2) or upgrade transformers")
     cfg.pop("transformers_version", None)
     cfg.pop("quantization_config", None)
     try:

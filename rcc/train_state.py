@@ -182,7 +182,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(tensors["torch_cpu"])
     except (KeyError, ValueError, TypeError) as err:
-        raise RCCError(f"{path}: unreadable random state ({err}); delete the checkpoint to resume from an earlier one") from None
+        raise RCCError(f"{path}: unreadable random state ({err}); delete the checkpoint to resume from an "
+                       "earlier one") from None
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             if f"torch_cuda_{i}" in tensors:
@@ -255,8 +256,8 @@ def check_training_state(folder: str | Path) -> dict:
                        "earlier one")
     manifest = _read_json(folder / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise RCCError(f"{folder / MANIFEST}: unknown checkpoint format {manifest.get('format') if isinstance(manifest, dict) else manifest!r}; "
-                       f"this rcc reads {FORMAT}")
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise RCCError(f"{folder / MANIFEST}: unknown checkpoint format {found!r}; this rcc-llm reads {FORMAT}")
     return manifest
 
 
@@ -274,29 +275,33 @@ def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer, s
     """
     folder = Path(folder)
     manifest = check_training_state(folder)
-    rank, world = _dist()
+    rank, _ = _dist()
     sharding = "fsdp" if fsdp else "none"
     if manifest.get("sharding") != sharding:
         raise RCCError(f"{folder} was written {'under FSDP' if manifest.get('sharding') == 'fsdp' else 'without FSDP'} "
                        f"and this run is {'under FSDP' if fsdp else 'not'}; resume it the way it was started")
     weights, _ = _read_tensors(folder / MODEL)
     opt_tensors, _ = _read_tensors(folder / OPTIMIZER)
-    opt_rest = _read_json(folder / OPTIMIZER_META)
-    optim = _join_optimizer(opt_tensors, opt_rest, _inner(optimizer).param_groups)
+    try:
+        optim = _join_optimizer(opt_tensors, _read_json(folder / OPTIMIZER_META), _inner(optimizer).param_groups)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+        raise RCCError(f"{folder / OPTIMIZER_META}: unreadable optimiser state ({err!r}); delete the checkpoint to "
+                       "resume from an earlier one") from None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
+        _check_holds_trained(model, weights, folder)
         options = StateDictOptions(full_state_dict=True, strict=False)
         result = set_model_state_dict(model, weights, options=options)
         if result.unexpected_keys:
             raise RCCError(f"{folder / MODEL} holds {len(result.unexpected_keys)} weights this model lacks "
                            f"(e.g. {result.unexpected_keys[0]}); it was written for another model")
-        set_optimizer_state_dict(model, _inner(optimizer), optim, options=StateDictOptions(full_state_dict=True))
+        _load_optimizer(lambda: set_optimizer_state_dict(model, _inner(optimizer), optim,
+                                                         options=StateDictOptions(full_state_dict=True)), folder)
     else:
-        plain = _plain(model)
-        _load_trained(plain, weights, folder / MODEL)
-        optimizer.load_state_dict(optim)
+        _load_trained(_plain(model), weights, folder / MODEL)
+        _load_optimizer(lambda: optimizer.load_state_dict(optim), folder)
     saved = _read_json(folder / SCHEDULER)
     live = scheduler.state_dict()
     if not isinstance(saved, dict) or set(saved) != set(live) or saved.get("lr_lambdas") != live.get("lr_lambdas"):
@@ -310,6 +315,16 @@ def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer, s
     return manifest.get("extra", {})
 
 
+def _load_optimizer(load, folder: Path) -> None:
+    """Run ``load``; torch's complaints about a state of another optimiser become one line."""
+    try:
+        load()
+    except (KeyError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise RCCError(f"{folder}: the optimiser state does not fit this run's optimiser ({detail}); it was written "
+                       "by a run with other trained parameters or settings") from None
+
+
 def _load_trained(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     """Copy stored parameters into ``model``; every trained parameter must be there.
 
@@ -317,11 +332,7 @@ def _load_trained(model: torch.nn.Module, weights: dict[str, torch.Tensor], path
         RCCError: on missing trained parameters, unknown names or other shapes.
     """
     own = dict(model.named_parameters())
-    trained = {n for n, p in own.items() if p.requires_grad}
-    missing = sorted(trained - set(weights))
-    if missing:
-        raise RCCError(f"{path.parent} lacks {len(missing)} of the parameters this config trains (e.g. {missing[0]}); "
-                       "it was written by a run that trained other parts of the model")
+    _check_holds_trained(model, weights, path.parent)
     unknown = sorted(set(weights) - set(own))
     if unknown:
         raise RCCError(f"{path} holds {len(unknown)} weights this model lacks (e.g. {unknown[0]}); "
@@ -333,3 +344,19 @@ def _load_trained(model: torch.nn.Module, weights: dict[str, torch.Tensor], path
     with torch.no_grad():
         for name, value in weights.items():
             own[name].copy_(value)
+
+
+def _check_holds_trained(model: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """Raises RCCError unless ``weights`` has every parameter ``model`` trains
+    (names as in the unwrapped model; FSDP1's wrapper names are dropped)."""
+    wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+    trained = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            for w in wrappers:
+                name = name.replace(w, "")
+            trained.add(name)
+    missing = sorted(trained - set(weights))
+    if missing:
+        raise RCCError(f"{folder} lacks {len(missing)} of the parameters this config trains (e.g. {missing[0]}); "
+                       "it was written by a run that trained other parts of the model")

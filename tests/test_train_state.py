@@ -123,6 +123,11 @@ def test_a_checkpoint_of_another_model_or_corrupt_files_stop_with_one_line(token
     train(tiny(tokens, tmp_path / "run", max_steps=1, train_decoder="frozen"))
     with pytest.raises(RCCError, match="lacks .* of the parameters this config trains"):
         train(tiny(tokens, tmp_path / "run", max_steps=2))
+    shutil.rmtree(tmp_path / "run")
+    train(tiny(tokens, tmp_path / "run", max_steps=1))
+    with pytest.raises(RCCError, match="optimiser state does not fit this run's optimiser") as err:
+        train(tiny(tokens, tmp_path / "run", max_steps=2, train_encoder="frozen"))
+    assert "\n" not in str(err.value)
 
 
 def test_no_module_unpickles():
@@ -134,7 +139,9 @@ def test_no_module_unpickles():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                names = [a.name for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names.append(node.module)
                 if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
                        for n in names):
                     unsafe.append(f"{where} imports {names}")
