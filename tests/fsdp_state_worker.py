@@ -7,7 +7,7 @@ into OUT/ckpt) or ``resume`` (a fresh model and optimiser, the state loaded,
 2 more steps). ``straight`` and ``resume`` write the full trained weights to
 OUT/<phase>.safetensors. The model has a frozen layer and dropout, so the
 weights are equal only when parameters, optimiser, scheduler and each
-process's RNG all came back.
+process's own RNG state all came back.
 """
 
 import sys
@@ -54,6 +54,7 @@ def main(out: Path, phase: str) -> None:
         load_training_state(out / "ckpt", model, optimizer, scheduler, fsdp=True)
         steps(model, optimizer, scheduler, 2, 4)
     else:
+        torch.manual_seed(100 + dist.get_rank())  # each process its own dropout stream: the RNG files differ
         steps(model, optimizer, scheduler, 0, 2 if phase == "cut" else 4)
     if phase == "cut":
         if dist.get_rank() == 0:

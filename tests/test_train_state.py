@@ -209,8 +209,9 @@ def _launch(config: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_process_ddp_run_stopped_and_resumed_equals_the_uninterrupted_run(tokens, tmp_path):
     """2 processes on gloo, with dropout: a run stopped after step 1 (time
-    budget) and resumed to step 3 ends where the uninterrupted run ends; each
-    process restores its own RNG file."""
+    budget) and resumed to step 3 ends where the uninterrupted run ends. Each
+    process writes its RNG file (set_seed gives both the same stream here, so
+    this test cannot tell the files apart; the FSDP test below can)."""
     configs = {"straight": tiny(tokens, tmp_path / "a"), "cut": tiny(tokens, tmp_path / "b", max_minutes=1e-9),
                "rest": tiny(tokens, tmp_path / "b")}
     for name, cfg in configs.items():
@@ -232,8 +233,9 @@ def test_two_process_ddp_run_stopped_and_resumed_equals_the_uninterrupted_run(to
 @pytest.mark.slow
 def test_fsdp2_state_round_trip_resumes_exactly(tmp_path):
     """The FSDP path (full state dicts gathered and set with
-    torch.distributed.checkpoint.state_dict) on 2 gloo processes and FSDP2:
-    stopped after 2 steps and resumed to 4 equals 4 steps straight."""
+    torch.distributed.checkpoint.state_dict) on 2 gloo processes and FSDP2,
+    with dropout seeded per process: stopped after 2 steps and resumed to 4
+    equals 4 steps straight."""
     from safetensors.torch import load_file
 
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
