@@ -24,6 +24,7 @@ from rcc import RCCError, RCCModel
 from rcc.cli import main
 from rcc.data import write_token_folder
 from rcc.train import checkpoints, train
+from rcc.train_config import SECTION_OF
 from rcc.train_state import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,11 +47,15 @@ def tokens(tmp_path_factory):
 
 
 def tiny(tokens, out, **over):
-    cfg = dict(backbone=dict(BACKBONE, attention_dropout=0.1), window=16, ratio=4, train_data=tokens,
-               output_dir=str(out), max_steps=3, min_windows=1, max_windows=2, target_tokens=8, cue_min=2, cue_max=3,
-               reconstruct_fraction=0.5, batch_size=3, lr=3e-3, lr_glue=1e-2, warmup_steps=1, log_every=1,
-               eval_every=0, eval_batches=0, save_every=1, progress=False, resume="auto")
-    cfg.update(over)
+    """A tiny run's config in the nested form; ``over`` names options by field (placed in their section)."""
+    options = dict(backbone=dict(BACKBONE, attention_dropout=0.1), window=16, ratio=4, train_data=tokens,
+                   output_dir=str(out), max_steps=3, min_windows=1, max_windows=2, target_tokens=8, cue_min=2,
+                   cue_max=3, reconstruct_fraction=0.5, batch_size=3, lr=3e-3, lr_glue=1e-2, warmup_steps=1,
+                   log_every=1, eval_every=0, eval_batches=0, save_every=1, progress=False, resume="auto")
+    options.update(over)
+    cfg: dict = {}
+    for key, value in options.items():
+        cfg.setdefault(SECTION_OF[key], {})[key] = value
     return cfg
 
 
