@@ -34,12 +34,32 @@ def _dtype(name: str, device: str):
 
 
 def _device(name: str) -> str:
+    """``--device`` checked against this machine (before any model is loaded).
+
+    Raises:
+        RCCError: for a name torch does not know or a device that is not here.
+    """
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RCCError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RCCError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RCCError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RCCError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise RCCError(f"--device {name}: no Apple GPU is available here; use --device cpu")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise RCCError(f"--device {name}: no {dev.type} device is available here; use cpu or cuda")
     return name
 
 
@@ -95,7 +115,6 @@ def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = Fa
     from tqdm.auto import tqdm
 
     n_windows = model.config.slots_for(ids.shape[-1]) // model.config.slots_per_window
-    model.check_positions(model.config.slots_for(ids.shape[-1]) + (prefix.num_slots if prefix else 0))
     bar = tqdm(total=n_windows, unit="win", desc="compressing", disable=quiet or n_windows < 2, file=sys.stderr)
     last = [0]
 
@@ -104,7 +123,7 @@ def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = Fa
         last[0] = done
 
     t = time.perf_counter()
-    try:
+    try:  # compress() checks the positions (refusal or one warning) before any work
         memory = model.compress(ids, window_batch_size=batch, progress=progress, prefix=prefix)
     finally:
         bar.close()
@@ -120,6 +139,29 @@ def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = Fa
 
 
 def _generation_options(args) -> dict:
+    """``generate`` options from the command line, checked (before any model is loaded).
+
+    Raises:
+        RCCError: for a value ``generate`` would refuse or misuse.
+    """
+    import math
+
+    def bad(flag: str, value, want: str) -> RCCError:
+        return RCCError(f"--{flag} {value}: must be {want}")
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise bad("max-new-tokens", args.max_new_tokens, "at least 1")
+    checks = {"temperature": (lambda x: x > 0, "a positive number, e.g. 0.7"),
+              "top_p": (lambda x: 0 < x <= 1, "in (0, 1], e.g. 0.9"),
+              "repetition_penalty": (lambda x: x > 0, "a positive number, e.g. 1.1 (1 is none)")}
+    for key, (ok, want) in checks.items():
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise bad(key.replace("_", "-"), value, want)
+    if args.top_k is not None and args.top_k < 0:
+        raise bad("top-k", args.top_k, "0 (off) or more")
+    if args.stop and not all(args.stop):
+        raise RCCError("--stop: a stop string must not be empty")
     opts = {"max_new_tokens": args.max_new_tokens}
     if args.do_sample or args.temperature is not None or args.top_p is not None or args.top_k is not None:
         opts["do_sample"] = True
@@ -131,6 +173,23 @@ def _generation_options(args) -> dict:
     if args.stop:
         opts["stop_strings"] = args.stop
     return opts
+
+
+def _check_args(args) -> None:
+    """Options every command shares, checked before any command does work (and
+    before the slow model load): the device, window batch size, generation options.
+
+    Raises:
+        RCCError: on the first bad option.
+    """
+    if getattr(args, "device", None) is not None:
+        _device(args.device)
+    if getattr(args, "window_batch_size", 1) < 1:
+        raise RCCError(f"--window-batch-size {args.window_batch_size}: must be at least 1")
+    if hasattr(args, "temperature"):
+        _generation_options(args)
+    elif getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        raise RCCError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
 
 
 # --------------------------------------------------------------- commands
@@ -183,28 +242,50 @@ def cmd_ask(args) -> int:
 
 def cmd_compress(args) -> int:
     """Compress a context once into a memory file for later questions."""
+    import shutil
+
+    from .memory import STORAGE_DTYPES, check_writable, dtype_name, format_bytes
+
+    output = check_writable(args.output)  # before the slow part, not after it
     context = read_text(args.context)
     model, device = _load(args)
     if model.tokenizer is None:
         raise RCCError(f"{args.model} has no tokenizer; pass --base-model with a tokenizer")
     ids = model.tokenizer(context, add_special_tokens=False, return_tensors="pt").input_ids
+    storage = STORAGE_DTYPES[args.storage_dtype] if args.storage_dtype else model.dtype
+    slots = model.config.slots_for(ids.shape[-1])
+    per_slot = model.kv_bytes_per_slot(storage)
+    size = per_slot * slots
+    if not args.quiet:
+        hint = "; --storage-dtype bfloat16 halves it" if storage.itemsize > 2 and not args.storage_dtype else ""
+        print(f"rcc: the memory file will take {format_bytes(size)} ({format_bytes(per_slot)} per slot x {slots} "
+              f"slots, {dtype_name(storage)}){hint}", file=sys.stderr)
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise RCCError(f"{output}: the memory file needs {format_bytes(size)} but {folder} has {format_bytes(free)} "
+                       "free; free some space, choose another -o, or use --storage-dtype bfloat16")
     memory = _compress(model, device, ids, args.window_batch_size, quiet=args.quiet)
-    memory.save(args.output)
-    print(f"rcc: wrote {args.output} ({memory.nbytes() / 2**20:.1f} MiB)", file=sys.stderr)
+    memory.save(output, dtype=storage)
+    print(f"rcc: wrote {output} ({format_bytes(output.stat().st_size)})", file=sys.stderr)
     return 0
 
 
 def cmd_info(args) -> int:
-    """Print a memory file's metadata (without loading its tensors)."""
+    """Print a memory file's metadata (checked, without loading its tensors); a damaged file is an error."""
     from .memory import read_memory_metadata
 
     meta = read_memory_metadata(args.memory)
-    meta.pop("tensors_sha256", None)
+    for key in ("tensors_sha256", "metadata_sha256"):
+        meta.pop(key, None)
     size = Path(args.memory).stat().st_size
     if args.json:
         print(json.dumps({**meta, "bytes": size}))
     else:
-        for k in ("num_tokens", "num_slots", "window", "ratio", "layers", "model_id", "content_hash", "format"):
+        for k in ("num_tokens", "num_slots", "window", "ratio", "layers", "dtype", "model_id", "content_hash",
+                  "format"):
             print(f"{k:13s} {meta.get(k)}")
         print(f"{'size':13s} {size / 2**20:.2f} MiB")
     return 0
@@ -373,6 +454,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--context", required=True, help="text file, or - for standard input")
     p.add_argument("-o", "--output", required=True, help="memory file to write (e.g. doc.rcc)")
+    p.add_argument("--storage-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the saved keys and values (default: the model's, exact); bfloat16 or float16 "
+                        "halve a float32 file, and `rcc ask` casts them back to the model's dtype")
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
@@ -504,6 +588,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``rcc`` console entry: Ctrl-C at any point, the first seconds of imports
+    included, exits 130 with one line (``rcc/__init__`` imports nothing heavy)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("rcc: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -513,18 +607,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="rcc: %(levelname)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        _check_args(args)
         return COMMANDS[args.command][0](args) or 0
     except RCCError as err:
         print(f"rcc: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rcc: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
 """A compressed context: the decoder's KV cache over the slots, reusable for
-any number of questions, and its single-file format (safetensors + metadata)."""
+any number of questions, and its single-file format (safetensors + metadata).
+
+Format ``rcc-memory/2`` (written now): the safetensors metadata holds the fields of
+:meth:`CompressedContext.metadata`, the storage ``dtype``, ``tensors_sha256`` (names,
+dtypes, shapes and bytes of every tensor) and ``metadata_sha256`` (every other
+metadata field, so a changed field is caught without reading the tensors). Files of
+format ``rcc-memory/1`` still load: their tensor checksum and their tensor shapes
+against ``layers`` / ``num_slots`` are checked, their other fields are not covered.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +29,14 @@ from transformers import DynamicCache
 
 from .errors import RCCError
 
-FORMAT = "rcc-memory/1"
+FORMAT = "rcc-memory/2"
+FORMAT_V1 = "rcc-memory/1"
+#: storage dtypes of a memory file's KV tensors, by name (``save(dtype=...)``, ``--storage-dtype``)
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_INT_FIELDS = ("num_tokens", "num_slots", "window", "ratio", "layers")
+_RECOMPRESS = "recreate it with `rcc compress`"
 
 
 def token_hash(ids: torch.Tensor) -> str:
@@ -30,13 +47,48 @@ def token_hash(ids: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+def _tensors_hash(tensors: dict[str, torch.Tensor], shapes: bool = True) -> str:
+    """sha256 over every tensor's name, (format 2:) dtype and shape, and bytes."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(name.encode())
+        if shapes:
+            h.update(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _metadata_hash(meta: dict[str, str]) -> str:
+    """sha256 of every metadata field but ``metadata_sha256`` itself (canonical JSON)."""
+    rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype a memory file can store (None stays None).
+
+    Raises:
+        RCCError: for any other dtype.
+    """
+    if dtype is None or dtype in STORAGE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in STORAGE_DTYPES:
+        return STORAGE_DTYPES[dtype]
+    raise RCCError(f"storage dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def kv_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,7 +110,8 @@ class CompressedContext:
     Attributes:
         kv: per decoder layer ``(keys, values)``, each
             ``[batch, kv_heads, num_slots, head_dim]``: the decoder's KV cache
-            after pre-filling the slots (spec section 4).
+            after pre-filling the slots (spec section 4). A loaded memory keeps the
+            file's storage dtype; :meth:`cache` casts to the model's dtype.
         num_tokens: context tokens before padding to whole windows.
         num_slots: slot positions P (= windows * window / ratio).
         window, ratio: the model's W and r when it was made.
@@ -98,8 +151,14 @@ class CompressedContext:
             kv = [(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in kv]
         return cache_from([(k.to(device, dtype, copy=True), v.to(device, dtype, copy=True)) for k, v in kv])
 
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+    def nbytes(self, dtype: str | torch.dtype | None = None) -> int:
+        """Bytes of the KV tensors, as held now or (``dtype``) as stored in that dtype."""
+        size = storage_dtype(dtype)
+        total = 0
+        for k, v in self.kv:
+            for t in (k, v):
+                total += t.numel() * (t.element_size() if size is None else size.itemsize)
+        return total
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -113,71 +172,160 @@ class CompressedContext:
             "layers": str(len(self.kv)),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write to one safetensors file, atomically (a temp file renamed into place)."""
+    def save(self, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+        """Write to one safetensors file, atomically (a temp file renamed into place).
+
+        Args:
+            path: the file to write (e.g. ``doc.rcc``).
+            dtype: storage dtype of the KV tensors (``"bfloat16"`` or ``"float16"`` halve
+                a float32 memory's file); None keeps the tensors' own dtype, bit-exact.
+        Raises:
+            RCCError: on an unknown dtype, values that overflow float16, or a failed write.
+        """
         path = Path(path)
+        target = storage_dtype(dtype) or self.kv[0][0].dtype
         tensors = {}
         for i, (k, v) in enumerate(self.kv):
-            tensors[f"layers.{i}.keys"] = k.detach().cpu().contiguous()
-            tensors[f"layers.{i}.values"] = v.detach().cpu().contiguous()
+            for name, t in ((f"layers.{i}.keys", k), (f"layers.{i}.values", v)):
+                stored = t.detach().to("cpu", target).contiguous()
+                if stored.dtype != t.dtype and not torch.isfinite(stored).all() and torch.isfinite(t).all():
+                    raise RCCError(f"the memory's values overflow {dtype_name(target)}; store it as "
+                                   "bfloat16 or float32 instead")
+                tensors[name] = stored
         meta = self.metadata()
+        meta["dtype"] = dtype_name(target)
         meta["tensors_sha256"] = _tensors_hash(tensors)
-        atomic_save_file(tensors, path, meta)
+        meta["metadata_sha256"] = _metadata_hash(meta)
+        try:
+            atomic_save_file(tensors, path, meta)
+        except OSError as err:
+            raise RCCError(f"{path}: cannot write the memory file ({err.strerror or err})") from None
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CompressedContext":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype | None = None) -> "CompressedContext":
         """Read a file written by :meth:`save`.
 
+        Args:
+            device: where the KV tensors go.
+            dtype: cast them to this dtype; None keeps the storage dtype (the model
+                casts to its own when it uses the memory, see :meth:`cache`).
         Raises:
-            RCCError: when the file is missing, truncated, corrupt or not a memory file.
+            RCCError: when the file is missing, truncated, corrupt, not a memory file,
+                or its metadata does not fit its tensors.
         """
         meta = read_memory_metadata(path)
+        fields = _fields(meta, path)
         try:
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise RCCError(f"{path}: cannot read the memory file ({err}); recreate it with `rcc compress`") from None
-        if _tensors_hash(tensors) != meta.get("tensors_sha256"):
-            raise RCCError(f"{path}: memory file is corrupt (checksum mismatch); recreate it with `rcc compress`")
-        n = int(meta["layers"])
-        try:
-            kv = [(tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device)) for i in range(n)]
-        except KeyError as err:
-            raise RCCError(f"{path}: memory file lacks tensor {err}; recreate it with `rcc compress`") from None
-        return cls(
-            kv=kv,
-            num_tokens=int(meta["num_tokens"]),
-            num_slots=int(meta["num_slots"]),
-            window=int(meta["window"]),
-            ratio=int(meta["ratio"]),
-            model_id=meta["model_id"],
-            content_hash=meta["content_hash"],
-        )
+            raise RCCError(f"{path}: cannot read the memory file ({err}); {_RECOMPRESS}") from None
+        if _tensors_hash(tensors, shapes=meta["format"] != FORMAT_V1) != meta.get("tensors_sha256"):
+            raise RCCError(f"{path}: memory file is corrupt (checksum mismatch); {_RECOMPRESS}")
+        cast = storage_dtype(dtype)
+        kv = [(tensors[f"layers.{i}.keys"].to(device, cast), tensors[f"layers.{i}.values"].to(device, cast))
+              for i in range(fields["layers"])]
+        return cls(kv=kv, num_tokens=fields["num_tokens"], num_slots=fields["num_slots"], window=fields["window"],
+                   ratio=fields["ratio"], model_id=meta["model_id"], content_hash=meta["content_hash"])
+
+
+def _fields(meta: dict[str, str], path) -> dict[str, int]:
+    """The integer fields of a memory's metadata, checked against each other.
+
+    Raises:
+        RCCError: naming the first missing or inconsistent field.
+    """
+    out = {}
+    for key in _INT_FIELDS:
+        value = meta.get(key)
+        if value is None:
+            raise RCCError(f"{path}: memory file lacks the field {key!r}; {_RECOMPRESS}")
+        if not re.fullmatch(r"[0-9]{1,18}", value) or int(value) < 1:
+            raise RCCError(f"{path}: memory field {key!r} is {value!r}, not a positive integer; {_RECOMPRESS}")
+        out[key] = int(value)
+    for key in ("model_id", "content_hash"):
+        if not meta.get(key):
+            raise RCCError(f"{path}: memory file lacks the field {key!r}; {_RECOMPRESS}")
+    window, ratio, slots, tokens = out["window"], out["ratio"], out["num_slots"], out["num_tokens"]
+    per_window = window // ratio
+    windows = slots // per_window if window % ratio == 0 else 0
+    # every window holds at least one context token and at most `window` of them
+    if not windows or slots % per_window or not math.ceil(tokens / window) <= windows <= tokens:
+        raise RCCError(f"{path}: memory fields disagree (num_tokens {tokens}, num_slots {slots}, window {window}, "
+                       f"ratio {ratio}); {_RECOMPRESS}")
+    return out
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict], int]:
+    """``(metadata, tensor entries, file size its header describes)`` of a safetensors file."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short")
+        size = int.from_bytes(head, "little")
+        if size <= 0 or size > 100_000_000:
+            raise ValueError("bad header size")
+        raw = fh.read(size)
+        if len(raw) < size:
+            raise ValueError("header cut short")
+        header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("bad metadata")
+    for name, e in header.items():
+        offsets, shape = e.get("data_offsets") if isinstance(e, dict) else None, e.get("shape")
+        if (not isinstance(offsets, list) or not isinstance(e.get("dtype"), str) or len(offsets) != 2 or not isinstance(shape, list)
+                or not all(isinstance(x, int) and x >= 0 for x in offsets + shape)):
+            raise ValueError(f"bad entry for tensor {name!r}")
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    return meta, header, 8 + size + end
 
 
 def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a memory file, without loading its tensors.
+    """The metadata of a memory file, checked without loading its tensors: the
+    format, the file's size against its header, the metadata checksum (format 2),
+    the fields against each other and against the tensors' names, shapes and dtype.
+    ``dtype`` is the tensors' storage dtype (for format 1 files read from the header).
 
     Raises:
-        RCCError: when the file is missing or is not a memory file.
+        RCCError: when the file is missing, incomplete, not a memory file, or a field is wrong.
     """
     path = Path(path)
     if not path.is_file():
         raise RCCError(f"{path}: no such memory file; create one with `rcc compress`")
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ValueError("file too short")
-            size = int.from_bytes(head, "little")
-            if size <= 0 or size > 100_000_000:
-                raise ValueError("bad header size")
-            header = json.loads(fh.read(size))
-        meta = header.get("__metadata__") or {}
+        meta, entries, expected = _read_header(path)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise RCCError(f"{path}: not an RCC memory file ({err}); create one with `rcc compress`") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, FORMAT_V1):
         raise RCCError(f"{path}: not an RCC memory file (format {meta.get('format')!r}, expected {FORMAT!r})")
+    actual = path.stat().st_size
+    if actual != expected:
+        what = "incomplete (an interrupted write or copy?)" if actual < expected else "longer than its header says"
+        raise RCCError(f"{path}: memory file is {what}: {actual} bytes, its header describes {expected}; "
+                       f"{_RECOMPRESS}")
+    if meta["format"] == FORMAT and meta.get("metadata_sha256") != _metadata_hash(meta):
+        raise RCCError(f"{path}: memory file is corrupt (its metadata does not match its checksum); {_RECOMPRESS}")
+    fields = _fields(meta, path)
+    names = {f"layers.{i}.{part}" for i in range(fields["layers"]) for part in ("keys", "values")}
+    if set(entries) != names:
+        odd = sorted(set(entries) ^ names, key=lambda n: (len(n), n))[0]
+        why = "lacks the tensor" if odd in names else "has an unexpected tensor"
+        raise RCCError(f"{path}: memory file {why} {odd!r} (layers {fields['layers']}); {_RECOMPRESS}")
+    dtypes = {e["dtype"] for e in entries.values()}
+    batches = {tuple(e["shape"])[:1] for e in entries.values()}
+    for name, e in sorted(entries.items()):
+        shape = e["shape"]
+        if len(shape) != 4 or shape[2] != fields["num_slots"] or 0 in shape:
+            raise RCCError(f"{path}: memory tensor {name!r} has shape {tuple(shape)}, expected [batch, kv_heads, "
+                           f"{fields['num_slots']} (num_slots), head_dim]; {_RECOMPRESS}")
+    stored = _SAFETENSORS_DTYPES.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+    if len(batches) != 1 or stored is None or meta.setdefault("dtype", stored) != stored:
+        raise RCCError(f"{path}: memory tensors disagree with each other or with the dtype field "
+                       f"({', '.join(sorted(dtypes))} vs {meta.get('dtype')!r}); {_RECOMPRESS}")
     return meta
 
 
@@ -188,14 +336,76 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Check, before any long work, that a file can be written at ``path`` the way
+    the atomic writers do (a temp file in its folder, created if missing); writes
+    nothing but a probe file it removes at once.
+
+    Raises:
+        RCCError: when ``path`` is a folder, lies under a file, or its folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise RCCError(f"{path}: is a folder; give a file name, e.g. {path / 'doc.rcc'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RCCError(f"{path}: cannot write there, {folder} is a file and not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        raise RCCError(f"{path}: cannot write in the folder {folder} ({err.strerror or err}); "
+                       "choose another output") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours
+        return True
+    return True
+
+
+def clean_stale_parts(path: Path) -> list[Path]:
+    """Remove the temp files that killed writers of ``path`` left beside it:
+    ``.NAME.PID-XXXXXXXX.part`` whose process is gone, and ``.NAME.XXXXXXXX.part``
+    (the pattern before the PID was recorded). Only this target's own pattern is
+    touched; a live writer's part is kept.
+
+    Returns:
+        the files removed.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:([0-9]+)-)?[a-z0-9_]{{8}}\.part")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            m = pattern.fullmatch(entry.name)
+            if m is None or not entry.is_file(follow_symlinks=False):
+                continue
+            if m.group(1) is not None and _pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[str]:
     """Yield a temp path in ``path``'s folder; on success it is renamed onto ``path``
     (with the umask's mode), on failure removed: a crash or a full disk never
-    leaves a partial file at ``path``."""
+    leaves a partial file at ``path``, and parts a killed writer left are removed
+    by the next write to ``path`` (:func:`clean_stale_parts`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    clean_stale_parts(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
         yield tmp

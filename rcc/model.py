@@ -93,6 +93,7 @@ class RCCModel(nn.Module):
         self.A.to(device=device, dtype=dtype)
         self._cache_kw = _cache_kwarg(decoder)
         self.position_limit = hooks.absolute_position_limit(decoder)
+        self._positions_warned = False  # the rotary warning is given once (check_positions)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -268,29 +269,50 @@ class RCCModel(nn.Module):
             raise RCCError("the context is empty; give at least one token of context")
         return ids
 
-    def check_positions(self, total: int) -> None:
-        """Refuse (absolute positions) or warn (rotary) when slots + prompt + new
-        tokens exceed what the decoder was trained on.
+    def check_positions(self, total: int, new_tokens: int = 0, what: str = "slots + prompt") -> None:
+        """Refuse (absolute positions) or warn (rotary) when ``total`` decoder positions
+        (slots + prompt) and up to ``new_tokens`` generated ones exceed what the decoder
+        was trained on. The rotary warning is given once per model; it names the
+        generation budget only when the budget alone crosses the trained length.
 
         Raises:
             RCCError: for learned absolute position embeddings beyond their table.
         """
-        if self.position_limit is not None and total > self.position_limit:
+        if self.position_limit is not None and total + new_tokens > self.position_limit:
             max_ctx = (self.position_limit // self.config.slots_per_window) * self.config.window
+            budget = f" + up to {new_tokens} new tokens" if new_tokens else ""
             raise RCCError(
-                f"slots + prompt + new tokens need {total} decoder positions but this decoder has "
+                f"{what}{budget} need {total + new_tokens} decoder positions but this decoder has "
                 f"learned absolute position embeddings for {self.position_limit}; with window "
                 f"{self.config.window} and ratio {self.config.ratio} it can read at most about "
                 f"{max_ctx} context tokens; shorten the context or the prompt"
             )
         trained = getattr(self.decoder.config, "max_position_embeddings", None)
-        if self.position_limit is None and trained and total > trained:
-            log.warning(
-                "slots + prompt span %d decoder positions, beyond the %d the decoder was trained on; "
-                "rotary positions extrapolate (as in the paper) but quality may drop",
-                total,
-                trained,
-            )
+        if self.position_limit is not None or not trained or self._positions_warned:
+            return
+        if total > trained:
+            log.warning("%s span %d decoder positions, beyond the %d the decoder was trained on; rotary "
+                        "positions extrapolate (as in the paper) but quality may drop", what, total, trained)
+        elif total + new_tokens > trained:
+            log.warning("%s span %d of the %d decoder positions the decoder was trained on; an answer longer "
+                        "than %d tokens (of up to %d) goes beyond them, where quality may drop",
+                        what, total, trained, trained - total, new_tokens)
+        else:
+            return
+        self._positions_warned = True
+
+    @torch.no_grad()
+    def kv_bytes_per_slot(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one slot of one context takes in a :class:`CompressedContext` (its keys and
+        values in every decoder layer), in ``dtype`` (default: the model's); measured by
+        pre-filling one position, so it holds for any cache layout."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        embeds = torch.zeros(1, 1, self.G.out_features, device=self.device, dtype=self.dtype)
+        self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        size = (dtype or self.dtype).itemsize
+        return sum((k.numel() + v.numel()) * size for k, v in kv_of(cache))
 
     @torch.no_grad()
     def compress(
@@ -322,7 +344,7 @@ class RCCModel(nn.Module):
         ids = self._check_context(context_ids)
         n = ids.shape[1]
         before = 0 if prefix is None else prefix.num_slots
-        self.check_positions(before + self.config.slots_for(n))
+        self.check_positions(before + self.config.slots_for(n), what="the slots")
         if prefix is not None:
             self.check_memory(prefix)
             cache = prefix.cache(ids.shape[0], self.device, self.dtype)
@@ -502,7 +524,7 @@ class RCCModel(nn.Module):
         if prompt.shape[1] == 0:
             raise RCCError("the prompt is empty; give at least one prompt token")
         b, m, P = prompt.shape[0], prompt.shape[1], memory.num_slots
-        self.check_positions(P + m + max_new_tokens)
+        self.check_positions(P + m, new_tokens=max_new_tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(prompt)
         attention_mask = attention_mask.to(self.device)
