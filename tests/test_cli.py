@@ -140,3 +140,163 @@ def test_cli_table_is_the_python_api():
     assert {"ask", "compress", "info"} <= set(COMMANDS)
     assert build_parser().parse_args(["info", "x.rcc"]).command == "info"
     torch.manual_seed(0)
+
+
+# ------------------------------------------------ reliability audit (issue 12)
+def test_unwritable_output_is_refused_before_anything_is_loaded(tmp_path):
+    """Defect 2: found only after the whole compression, then a traceback. The model
+    path does not exist, so any message but the output's proves the order."""
+    (tmp_path / "file.txt").write_text("x")
+    unwritable = "/proc/rcc-test/doc.rcc" if os.geteuid() == 0 else tmp_path / "ro" / "doc.rcc"
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o555)
+    for out, words in [(tmp_path, "is a folder"), (tmp_path / "file.txt" / "doc.rcc", "is a file"),
+                       (unwritable, "cannot write in the folder")]:
+        res = rcc("compress", "--model", tmp_path / "nowhere", "--context", DOC, "-o", out)
+        assert_user_error(res, words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file.txt"] + (["ro"] if os.geteuid() else []))
+
+
+BAD_OPTIONS = [
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a positive"),
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p 0.0"),
+    (["--top-k", "-2"], "--top-k -2"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0.0"),
+    (["--stop", ""], "--stop"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--window-batch-size", "0"], "--window-batch-size 0"),
+]
+
+
+def test_bad_generation_options_are_refused_before_the_model_loads(tmp_path, capsys):
+    """Defect 3: tracebacks after the model had loaded. The model path does not exist,
+    so any other message proves the order. Two cases go through a real process; the
+    rest through the same entry, `main`, in this one (a process each costs seconds)."""
+    from rcc.cli import main
+
+    res = rcc("ask", "--model", tmp_path / "nowhere", "--context", DOC, "-q", "Who?", "--max-new-tokens", "0")
+    assert_user_error(res, "--max-new-tokens 0: must be at least 1")
+    res = rcc("compress", "--model", tmp_path / "nowhere", "--context", DOC, "-o", tmp_path / "x.rcc",
+              "--device", "tpu")
+    assert_user_error(res, "--device tpu: not a device")
+    for argv, words in BAD_OPTIONS:
+        assert main(["ask", "--model", str(tmp_path / "nowhere"), "--context", str(DOC), "-q", "Who?", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rcc: error: ") and words in err and "\n" not in err, (argv, err)
+    assert not (tmp_path / "x.rcc").exists()
+
+
+def test_eval_checks_the_shared_options_too(tmp_path, capsys):
+    from rcc.cli import main
+
+    assert main(["eval", "passkey", "--model", str(tmp_path / "nowhere"), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_info_says_a_memory_file_is_damaged(ours, tmp_path):
+    """Defect 5: `rcc info` on a truncated file exited 0 with normal metadata (and
+    defect 4 through the CLI: a changed num_slots was accepted)."""
+    mem = tmp_path / "m.rcc"
+    assert rcc("compress", "--model", ours, "--context", DOC, "-o", mem, "--quiet").returncode == 0
+    data = mem.read_bytes()
+    (tmp_path / "cut.rcc").write_bytes(data[: len(data) * 2 // 3])
+    assert_user_error(rcc("info", tmp_path / "cut.rcc"), "incomplete", str(len(data)))
+    assert_user_error(rcc("info", tmp_path / "cut.rcc", "--json"), "incomplete")
+    changed = tmp_path / "changed.rcc"
+    changed.write_bytes(data.replace(b'"num_slots":"88"', b'"num_slots":"96"', 1))
+    assert changed.read_bytes() != data
+    assert_user_error(rcc("info", changed), "checksum")
+    assert_user_error(rcc("ask", "--model", ours, "--memory", changed, "-q", "x"), "checksum")
+
+
+def test_compress_announces_the_file_size_and_stores_bfloat16(ours, tmp_path):
+    """The audit's last paragraph: the size before writing; bf16/fp16 storage."""
+    from rcc.memory import format_bytes
+
+    sizes = {}
+    for dtype in (None, "bfloat16", "float16"):
+        out = tmp_path / f"{dtype}.rcc"
+        res = rcc("compress", "--model", ours, "--context", DOC, "-o", out, *(["--storage-dtype", dtype] if dtype else []))
+        assert res.returncode == 0, res.stderr
+        data = out.read_bytes()
+        payload = len(data) - 8 - int.from_bytes(data[:8], "little")
+        per_slot = payload // 88  # 700 tokens = 11 windows of 64 at ratio 8
+        name = dtype or "float32"
+        said = f"will take {format_bytes(payload)} ({format_bytes(per_slot)} per slot x 88 slots, {name})"
+        assert said in res.stderr, res.stderr
+        before, after = res.stderr.index("will take"), res.stderr.index("peak memory")
+        assert before < after  # said before the compression ran
+        assert ("bfloat16 halves it" in res.stderr) == (dtype is None)
+        info = json.loads(rcc("info", out, "--json").stdout)
+        assert info["dtype"] == name and info["bytes"] == len(data)
+        assert f"dtype         {name}" in rcc("info", out).stdout
+        sizes[name] = payload
+    assert sizes["bfloat16"] == sizes["float16"] == sizes["float32"] // 2
+    res = rcc("ask", "--model", ours, "--memory", tmp_path / "bfloat16.rcc", "-q", "Who?", "--max-new-tokens", "3",
+              "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["slots"] == 88
+
+
+def test_ctrl_c_during_the_first_imports_is_one_line(ours, tmp_path):
+    """Defect 8: Ctrl-C in the first seconds printed a traceback. The child runs the
+    console entry as installed (`from rcc.cli import main`); the interrupt is sent
+    once `main` runs and has begun to import torch (which takes seconds)."""
+    import signal
+    import subprocess as sp
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    entry = "import sys; from rcc.cli import main; sys.exit(main())"
+    proc = sp.Popen([sys.executable, "-X", "importtime", "-c", entry, "compress", "--model", ours, "--context", DOC,
+                     "-o", tmp_path / "x.rcc"], stderr=sp.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:  # importtime prints a module when its import ends
+        seen.append(line)
+        module = line.rsplit("|", 1)[-1].strip()
+        if module.startswith("torch.") and any(ln.rstrip().endswith("| rcc.cli") for ln in seen):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "Traceback" not in rest, rest
+    assert [ln for ln in rest.splitlines() if not ln.startswith("import time:")] == ["rcc: interrupted"], rest
+    assert not (tmp_path / "x.rcc").exists()
+
+
+@pytest.fixture(scope="module")
+def short_positions(tmp_path_factory):
+    """A tiny RCC model whose rotary decoder was 'trained' on 160 positions."""
+    path = tmp_path_factory.mktemp("short") / "model"
+    model = tiny_rcc("llama", window=64, ratio=8, max_position_embeddings=160)
+    model.tokenizer = tiny_tokenizer()
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_the_rotary_warning_is_given_once_about_positions_used(short_positions, tmp_path):
+    """Defect 8: the warning printed twice and counted the unused max_new_tokens budget."""
+    import re
+
+    def warnings(res):
+        assert res.returncode == 0, res.stderr
+        return [ln for ln in res.stderr.splitlines() if "decoder positions" in ln]
+
+    twice = tmp_path / "twice.txt"
+    twice.write_text(DOC.read_text() * 2)  # 1400 tokens: 176 slots, beyond 160
+    res = rcc("compress", "--model", short_positions, "--context", twice, "-o", tmp_path / "long.rcc")
+    assert len(warnings(res)) == 1 and "the slots span 176 decoder positions" in warnings(res)[0]
+    res = rcc("ask", "--model", short_positions, "--context", twice, "-q", "Who?", "--mode", "manual",
+              "--max-new-tokens", "3")
+    assert len(warnings(res)) == 1
+    # 88 slots + the prompt (51 tokens) fit in 160; only a long answer would not, and the warning says so
+    mem = tmp_path / "doc.rcc"
+    assert rcc("compress", "--model", short_positions, "--context", DOC, "-o", mem, "--quiet").returncode == 0
+    res = rcc("ask", "--model", short_positions, "--memory", mem, "-q", "Who?", "--max-new-tokens", "60")
+    (line,) = warnings(res)
+    used = int(re.search(r"slots \+ prompt span (\d+) of the 160", line).group(1))
+    assert 88 < used < 160 and f"longer than {160 - used} tokens (of up to 60)" in line
+    res = rcc("ask", "--model", short_positions, "--memory", mem, "-q", "Who?", "--max-new-tokens", "3")
+    assert warnings(res) == []  # 3 new tokens stay within 160: nothing to say
