@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import RCCConfig
 from .errors import RCCError
+from .serve.command import cmd_serve, serve_args
 
 log = logging.getLogger("rcc")
 
@@ -572,6 +573,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "synth": (cmd_synth, _synth_args, "build synthetic pass-key / needle / extract records from prose"),
     "eval": (cmd_eval, _eval_args, "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines"),
     "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone"),
+    "serve": (cmd_serve, serve_args, "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)"),
 }
 
 

@@ -1,0 +1,478 @@
+"""The engine: one worker thread owns the model and runs, in this order of
+priority, (1) batches of questions, (2) compression jobs.
+
+A compression job reports progress after every step of
+``window_batch_size`` windows; between steps the worker answers every waiting
+question, so a long document never holds questions up for more than one step.
+Questions on one context with the same options share one ``generate`` call over
+one memory (a single-context cache repeated across the batch, prompts padded on
+the left), as many as ``max_batch`` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteriaList
+
+from ..errors import RCCError
+from ..memory import CompressedContext
+from ..prompts import ASSISTANT, END, _AnswerDone, build, split_answer
+from .config import ServeConfig
+from .metrics import Metrics
+from .store import Store, context_id
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(RCCError):
+    """A user mistake with its HTTP status (404 unknown id, 409 not ready, 413, 429 ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Cancelled(Exception):
+    """A context was deleted while it was being compressed."""
+
+
+class Sink:
+    """One request's events, handed from the worker thread to the server's event loop.
+
+    Events: ``("delta", text)``, ``("done", result dict)``, ``("error", status, message)``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def send(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+@dataclass
+class Question:
+    """One question waiting for the worker; questions with equal ``key`` are batched."""
+
+    context: str
+    text: str
+    mode: str
+    max_new_tokens: int
+    options: tuple  # sorted (name, value) generation options
+    sink: Sink
+    stream: bool = False
+    queued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple:
+        return (self.context, self.mode, self.max_new_tokens, self.options)
+
+
+class MemoryCache:
+    """Loaded memories, least recently used evicted past ``budget`` bytes (the one
+    in use is always kept)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[str, CompressedContext] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cid: str) -> CompressedContext | None:
+        with self._lock:
+            mem = self._items.get(cid)
+            if mem is not None:
+                self._items.move_to_end(cid)
+            return mem
+
+    def put(self, cid: str, mem: CompressedContext) -> None:
+        with self._lock:
+            self._items[cid] = mem
+            self._items.move_to_end(cid)
+            while len(self._items) > 1 and self.nbytes() > self.budget:
+                self._items.popitem(last=False)
+
+    def pop(self, cid: str) -> None:
+        with self._lock:
+            self._items.pop(cid, None)
+
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def visible_answer(text: str, mode: str, eos: str | None) -> str:
+    """The part of a generation so far that is surely answer text: after the
+    assistant header (reconstruct mode), before any stop marker, never a
+    marker's first characters or a half-decoded character, stripped like
+    :func:`rcc.prompts.split_answer` strips the final answer."""
+    if mode == "reconstruct":
+        head = text.find(ASSISTANT)
+        if head < 0:
+            return ""
+        text = text[head + len(ASSISTANT) :]
+    cut = len(text)
+    for stop in (END, eos):
+        if not stop:
+            continue
+        i = text.find(stop)
+        if i >= 0:
+            cut = min(cut, i)
+            continue
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return text[:cut].rstrip("\ufffd").strip()
+
+
+def _finished(text: str, mode: str, eos: str | None) -> bool:
+    if mode == "reconstruct":
+        head = text.find(ASSISTANT)
+        if head < 0:
+            return False
+        text = text[head + len(ASSISTANT) :]
+    return END in text or bool(eos and eos in text)
+
+
+class _RowStreamer:
+    """A ``generate`` streamer for a batch: each row's new answer text goes to its sink."""
+
+    def __init__(self, tokenizer, mode: str, sinks: list[Sink | None]):
+        self.tok, self.mode, self.sinks = tokenizer, mode, sinks
+        self.ids: list[list[int]] = [[] for _ in sinks]
+        self.sent = [""] * len(sinks)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        value = value.reshape(len(self.sinks), -1)
+        for i, sink in enumerate(self.sinks):
+            self.ids[i].extend(value[i].tolist())
+            if sink is not None:
+                self.flush(i, visible_answer(self.tok.decode(self.ids[i], skip_special_tokens=False), self.mode,
+                                             self.tok.eos_token))
+
+    def flush(self, i: int, text: str) -> None:
+        if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
+            self.sinks[i].send("delta", text[len(self.sent[i]) :])
+            self.sent[i] = text
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """The model, the store and the worker thread that runs them.
+
+    Args:
+        model: an :class:`~rcc.RCCModel` with a tokenizer.
+        store: the :class:`Store`.
+        cfg: the :class:`ServeConfig`.
+    """
+
+    def __init__(self, model, store: Store, cfg: ServeConfig, metrics: Metrics | None = None):
+        if model.tokenizer is None:
+            raise RCCError(f"{cfg.model} has no tokenizer; the server needs one to read documents and questions")
+        self.model, self.store, self.cfg = model, store, cfg
+        self.tok = model.tokenizer
+        self.metrics = metrics or Metrics()
+        self.model_id = model.fingerprint()
+        self.cache = MemoryCache(cfg.cache_mib * 2**20)
+        self._cv = threading.Condition()
+        self._questions: list[Question] = []
+        self._jobs: deque[str] = deque(self.store.recover(self.model_id))
+        self._cancelled: set[str] = set()
+        self._inflight = 0
+        self._busy = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="rcc-engine", daemon=True)
+
+    # ---------------------------------------------------------- lifecycle
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._questions)
+
+    def gauges(self) -> dict:
+        return {"queue_depth": self.queue_depth(), "questions_in_flight": self._inflight,
+                "compression_jobs_waiting": len(self._jobs), "cache_entries": len(self.cache),
+                "cache_bytes": self.cache.nbytes(), "contexts": self.store.counts()}
+
+    # ------------------------------------------------------------ contexts
+    def add_context(self, text: str, name: str | None = None) -> tuple[dict, bool]:
+        """Queue a document for compression; ``(row, created)``. The same document
+        again is the same entry (a failed one is queued again).
+
+        Raises:
+            ServeError: 422 for an empty document, 413 past ``max_context_tokens``.
+        """
+        if not text.strip():
+            raise ServeError(422, "the document is empty; send some text to compress")
+        cid = context_id(text, self.model_id)
+        row = self.store.get(cid)
+        if row is not None and row["status"] != "failed":
+            return row, False
+        n = len(self.tok(text, add_special_tokens=False).input_ids)
+        if n > self.cfg.max_context_tokens:
+            raise ServeError(413, f"the document has {n} tokens, more than this server's limit of "
+                                  f"{self.cfg.max_context_tokens}; split it, or restart the server with a larger "
+                                  "--max-context-tokens")
+        cfg = self.model.config
+        try:
+            self.model.check_positions(cfg.slots_for(n))
+        except RCCError as err:
+            raise ServeError(413, str(err)) from None
+        self.store.add(cid, text, name, n, cfg.slots_for(n) // cfg.slots_per_window, self.model_id)
+        with self._cv:
+            self._cancelled.discard(cid)
+            self._jobs.append(cid)
+            self._cv.notify_all()
+        return self.store.get(cid), True
+
+    def delete_context(self, cid: str) -> None:
+        """Raises ServeError 404 for an unknown id."""
+        if self.store.get(cid) is None:
+            raise ServeError(404, f"no context {cid}; list them with GET /v1/contexts")
+        with self._cv:
+            self._cancelled.add(cid)
+        self.store.delete(cid)
+        self.cache.pop(cid)
+
+    def _memory(self, cid: str) -> CompressedContext:
+        mem = self.cache.get(cid)
+        if mem is not None:
+            self.metrics.add("cache_hits")
+            return mem
+        self.check_ready(cid)
+        self.metrics.add("cache_misses")
+        try:
+            mem = CompressedContext.load(self.store.memory_path(cid), device=self.model.device)
+        except RCCError as err:
+            self.store.update(cid, status="failed", error=str(err))
+            raise ServeError(409, f"context {cid}: {err}; DELETE it and POST the document again") from None
+        self.model.check_memory(mem)
+        self.cache.put(cid, mem)
+        return mem
+
+    def check_ready(self, cid: str) -> dict:
+        """The row of a context that can answer questions.
+
+        Raises:
+            ServeError: 404 unknown, 409 not (yet) ready.
+        """
+        row = self.store.get(cid)
+        if row is None:
+            raise ServeError(404, f"no context {cid}; POST the document to /v1/contexts first, or list them with "
+                                  "GET /v1/contexts")
+        if row["status"] == "failed":
+            raise ServeError(409, f"context {cid} failed to compress ({row['error']}); POST the document again")
+        if row["status"] != "ready":
+            raise ServeError(409, f"context {cid} is still {row['status']} ({row['windows_done']}/"
+                                  f"{row['windows_total']} windows); poll GET /v1/contexts/{cid} until its status "
+                                  "is ready")
+        return row
+
+    # ----------------------------------------------------------- questions
+    def submit(self, q: Question) -> None:
+        """Queue a question.
+
+        Raises:
+            ServeError: 404/409 for a context that cannot answer, 429 when the queue is full.
+        """
+        if self.cache.get(q.context) is None:
+            self.check_ready(q.context)
+        with self._cv:
+            if self._inflight >= self.cfg.max_concurrent:
+                self.metrics.add("rejected_queue_full")
+                raise ServeError(429, f"the server is answering {self._inflight} questions, its limit "
+                                      f"(--max-concurrent {self.cfg.max_concurrent}); retry in a moment")
+            self._inflight += 1
+            self._questions.append(q)
+            self._cv.notify_all()
+
+    # -------------------------------------------------------------- worker
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._questions and not self._jobs:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                job = None if self._questions else self._jobs.popleft()
+            if job is None:
+                self._answer_batch()
+            else:
+                self._compress(job)
+
+    def _take_batch(self) -> list[Question]:
+        with self._cv:
+            if not self._questions:
+                return []
+            key = self._questions[0].key
+            batch = [q for q in self._questions if q.key == key][: self.cfg.max_batch]
+            for q in batch:
+                self._questions.remove(q)
+            return batch
+
+    def _answer_batch(self) -> None:
+        batch = self._take_batch()
+        if not batch:
+            return
+        try:
+            self._answer(batch)
+        except ServeError as err:
+            for q in batch:
+                q.sink.send("error", err.status, str(err))
+        except RCCError as err:
+            for q in batch:
+                q.sink.send("error", 422, str(err))
+        except Exception as err:  # a bug or the device: the clients get a 500, the server stays up
+            log.exception("answering %d questions failed", len(batch))
+            for q in batch:
+                q.sink.send("error", 500, f"the server failed to answer ({type(err).__name__}: {err})")
+        finally:
+            with self._cv:
+                self._inflight -= len(batch)
+
+    def _answer(self, batch: list[Question]) -> None:
+        memory = self._memory(batch[0].context)
+        mode = batch[0].mode
+        if mode == "manual":
+            groups = [(memory, batch)]
+        else:  # each question's windows extend the memory, as `rcc ask --memory` does
+            by_slots: dict[int, list] = {}
+            for q in batch:
+                q_ids = self.tok("\n\n" + q.text, add_special_tokens=False, return_tensors="pt").input_ids
+                mem = self.model.compress(q_ids, window_batch_size=self.cfg.window_batch_size, prefix=memory)
+                by_slots.setdefault(mem.num_slots, []).append((q, mem))
+            groups = [(_stack([m for _, m in pairs]), [q for q, _ in pairs]) for pairs in by_slots.values()]
+        for mem, qs in groups:
+            self._generate(mem, qs, mode)
+
+    def _generate(self, memory: CompressedContext, qs: list[Question], mode: str) -> None:
+        """One ``generate`` call for questions sharing a memory (``batch_size`` 1) or
+        each with its own (``batch_size == len(qs)``)."""
+        tok = self.tok
+        rows = [tok(build("", q.text, mode)[1], add_special_tokens=False).input_ids for q in qs]
+        m = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        ids = torch.tensor([[pad] * (m - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (m - len(r)) + [1] * len(r) for r in rows])
+        eos = tok.eos_token
+        eos_id = None if (mode == "reconstruct" and eos == END) else tok.eos_token_id
+        criteria = StoppingCriteriaList([_AnswerDone(tok, memory.num_slots + m, mode)])
+        streamer = _RowStreamer(tok, mode, [q.sink if q.stream else None for q in qs])
+        opts = dict(qs[0].options)
+        if "stop" in opts:
+            opts["stop_strings"] = list(opts.pop("stop"))
+        out = self.model.generate(memory, ids, attention_mask=mask, max_new_tokens=qs[0].max_new_tokens,
+                                  eos_token_id=eos_id, stopping_criteria=criteria, streamer=streamer, **opts)
+        self.metrics.add("batches")
+        self.metrics.add("batched_questions", len(qs))
+        for i, q in enumerate(qs):
+            text = tok.decode(out[i].tolist(), skip_special_tokens=False)
+            question_back, answer = split_answer(text, mode, eos)
+            if q.stream:
+                streamer.flush(i, answer)
+            n_answer = len(tok(answer, add_special_tokens=False).input_ids)
+            self.metrics.add("generated_tokens", n_answer)
+            self.metrics.observe("question_seconds", time.perf_counter() - q.queued)
+            q.sink.send("done", {
+                "answer": answer,
+                "reconstructed_question": question_back,
+                "mode": mode,
+                "finish_reason": "stop" if _finished(text, mode, eos) else "length",
+                "prompt_tokens": len(rows[i]),
+                "completion_tokens": n_answer,
+                "slots": memory.num_slots,
+                "batch": len(qs),
+            })
+
+    def _compress(self, cid: str) -> None:
+        row = self.store.get(cid)
+        if row is None or row["status"] != "queued":
+            return
+        self.store.update(cid, status="compressing", attempts=row["attempts"] + 1, windows_done=0)
+        t = time.perf_counter()
+        try:
+            text = self.store.text_path(cid).read_text(encoding="utf-8")
+            ids = self.tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+            def progress(done: int) -> None:
+                self.store.update(cid, windows_done=done)
+                if cid in self._cancelled:
+                    raise _Cancelled
+                while self._questions:  # questions first: they wait at most one compression step
+                    self._answer_batch()
+
+            memory = self.model.compress(ids, window_batch_size=self.cfg.window_batch_size, progress=progress)
+            if cid in self._cancelled:
+                raise _Cancelled
+            path = memory.save(self.store.memory_path(cid))
+            self.store.update(cid, status="ready", slots=memory.num_slots, bytes=path.stat().st_size,
+                              windows_done=row["windows_total"], error=None)
+            self.store.text_path(cid).unlink(missing_ok=True)
+            if self.store.get(cid) is None:  # deleted while saving
+                self.store.delete(cid)
+                return
+            self.cache.put(cid, memory)
+            self.metrics.add("compressed_tokens", ids.shape[1])
+            self.metrics.observe("compress_seconds", time.perf_counter() - t)
+        except _Cancelled:
+            self.store.delete(cid)
+        except RCCError as err:
+            self.store.update(cid, status="failed", error=str(err))
+        except Exception as err:
+            log.exception("compressing %s failed", cid)
+            self.store.update(cid, status="failed", error=f"compression failed ({type(err).__name__}: {err})")
+
+
+def _stack(memories: list[CompressedContext]) -> CompressedContext:
+    """One memory holding several single-context memories of equal length: ``[batch, kv_heads, slots, head_dim]``."""
+    if len(memories) == 1:
+        return memories[0]
+    first = memories[0]
+    kv = [(torch.cat([m.kv[i][0] for m in memories]), torch.cat([m.kv[i][1] for m in memories]))
+          for i in range(len(first.kv))]
+    return CompressedContext(kv=kv, num_tokens=first.num_tokens, num_slots=first.num_slots, window=first.window,
+                             ratio=first.ratio, model_id=first.model_id, content_hash=first.content_hash)
+
+
+def load_engine(cfg: ServeConfig) -> Engine:
+    """Load the model named by ``cfg.model`` and open the store (not yet started)."""
+    from ..checkpoint import load_model
+
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RCCError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    model = load_model(cfg.model, dtype=dtype, device=device)
+    if not model.config.trained:
+        log.warning("%s is an UNTRAINED RCC model; its answers are meaningless until it is trained", cfg.model)
+    return Engine(model.eval(), Store(cfg.store), cfg)

@@ -1,0 +1,127 @@
+"""Compressed contexts on disk: ``<store>/<id>.rcc`` memory files (the
+:class:`~rcc.CompressedContext` format, written atomically), the pending
+document ``<store>/<id>.txt`` while it is being compressed, and a SQLite index
+``<store>/index.sqlite3`` of ids, status and progress.
+
+A context is served only once its row says ``ready``, which is written after
+its memory file is in place; the file itself is checksummed. A server killed
+during compression leaves the row ``queued``/``compressing`` and the document
+on disk: :meth:`Store.recover` queues it again (or marks it failed after
+:data:`MAX_ATTEMPTS` crashed attempts, so a document that kills the server
+cannot do so forever).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from ..memory import atomic_write_text
+
+STATUSES = ("queued", "compressing", "ready", "failed")
+MAX_ATTEMPTS = 2
+FIELDS = ("id", "name", "status", "tokens", "slots", "windows_done", "windows_total", "bytes", "error",
+          "attempts", "model_id", "created", "updated")
+
+
+def context_id(text: str, model_id: str) -> str:
+    """The id of a document: sha256 of the model's fingerprint and the text, so
+    the same document posted twice is one entry (and another model's memory of
+    it is another)."""
+    return hashlib.sha256(f"{model_id}\n{text}".encode()).hexdigest()[:32]
+
+
+class Store:
+    """The on-disk index of compressed contexts (thread-safe)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.root / "index.sqlite3"), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS contexts (id TEXT PRIMARY KEY, name TEXT, status TEXT NOT NULL, "
+            "tokens INTEGER, slots INTEGER, windows_done INTEGER DEFAULT 0, windows_total INTEGER, bytes INTEGER, "
+            "error TEXT, attempts INTEGER DEFAULT 0, model_id TEXT, created REAL, updated REAL)"
+        )
+
+    def memory_path(self, cid: str) -> Path:
+        return self.root / f"{cid}.rcc"
+
+    def text_path(self, cid: str) -> Path:
+        return self.root / f"{cid}.txt"
+
+    # ------------------------------------------------------------- rows
+    def get(self, cid: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM contexts WHERE id = ?", (cid,)).fetchone()
+        return dict(zip(FIELDS, row)) if row else None
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM contexts ORDER BY created").fetchall()
+        return [dict(zip(FIELDS, r)) for r in rows]
+
+    def update(self, cid: str, **values) -> None:
+        values["updated"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in values)
+        with self._lock:
+            self._db.execute(f"UPDATE contexts SET {cols} WHERE id = ?", (*values.values(), cid))
+
+    def add(self, cid: str, text: str, name: str | None, tokens: int, windows: int, model_id: str) -> None:
+        """Record a new document as ``queued``; its text is written first (atomically),
+        so a queued row always has its document to compress."""
+        atomic_write_text(self.text_path(cid), text)
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO contexts (id, name, status, tokens, slots, windows_done, windows_total, bytes, "
+                "error, attempts, model_id, created, updated) VALUES (?, ?, 'queued', ?, NULL, 0, ?, NULL, NULL, 0, ?, ?, ?)",
+                (cid, name, tokens, windows, model_id, now, now),
+            )
+
+    def delete(self, cid: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM contexts WHERE id = ?", (cid,))
+        self.memory_path(cid).unlink(missing_ok=True)
+        self.text_path(cid).unlink(missing_ok=True)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM contexts GROUP BY status").fetchall()
+        return {s: 0 for s in STATUSES} | dict(rows)
+
+    # --------------------------------------------------------- recovery
+    def recover(self, model_id: str) -> list[str]:
+        """After a restart: temp files of interrupted writes are removed; rows left
+        ``queued``/``compressing`` are queued again (their ids are returned, oldest
+        first) or marked failed after :data:`MAX_ATTEMPTS`; ``ready`` rows whose
+        memory file is gone are marked failed."""
+        for part in self.root.glob(".*.part"):
+            part.unlink(missing_ok=True)
+        again = []
+        for row in self.list():
+            cid = row["id"]
+            if row["status"] in ("queued", "compressing"):
+                if row["model_id"] != model_id:
+                    self.update(cid, status="failed", error="queued by another model; POST the document again")
+                elif not self.text_path(cid).is_file():
+                    self.update(cid, status="failed", error="the document was lost in a restart; POST it again")
+                elif row["attempts"] >= MAX_ATTEMPTS:
+                    self.update(cid, status="failed",
+                                error=f"the server stopped during {row['attempts']} attempts to compress this "
+                                      "document; check its size against the server's memory, then POST it again")
+                else:
+                    self.update(cid, status="queued", windows_done=0)
+                    again.append(cid)
+            elif row["status"] == "ready" and not self.memory_path(cid).is_file():
+                self.update(cid, status="failed", error="the memory file is missing; POST the document again")
+        return again
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
