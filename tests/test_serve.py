@@ -204,6 +204,14 @@ def test_errors_have_their_status_and_a_message(tiny, tmp_path):
         assert re.search(r"rcc_rejected_queue_full_total [1-9]", metrics)
 
 
+def test_bad_server_options_are_one_line_errors(tmp_path):
+    for args, words in ((["--api-key-file", tmp_path / "missing"], "--api-key-file"),
+                        (["--max-batch", 0], "--max-batch must be positive")):
+        res = rcc_cli("serve", "--store", tmp_path / "store", *args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert words in res.stderr.strip().splitlines()[-1], res.stderr
+
+
 def test_concurrent_clients_on_two_contexts_are_batched_and_answer_alike(tiny, tmp_path):
     n_clients = 16
     with Server(tiny, tmp_path / "store", "--max-batch", 16) as srv:
@@ -305,3 +313,17 @@ def test_bundled_model_end_to_end_equals_rcc_ask(tmp_path):
     expected = json.loads(res.stdout.splitlines()[-1])["answer"]
     assert body["answer"] == expected == out.choices[0].message.content
     assert re.search(r"\d{4,}", expected), expected  # the bundled model finds a key-shaped number
+
+
+def test_streamed_text_never_shows_a_stop_marker_or_half_a_character():
+    from rcc.prompts import ASSISTANT
+    from rcc.serve.engine import visible_answer
+
+    eos = "<|endoftext|>"
+    assert visible_answer(" The key is 42", "manual", eos) == "The key is 42"
+    assert visible_answer("The key is 42<|im", "manual", eos) == "The key is 42"  # maybe a marker: held back
+    assert visible_answer("The key is 42<|im_end|>junk", "manual", eos) == "The key is 42"
+    assert visible_answer("42<|endoftext|><|endoftext|>", "manual", eos) == "42"
+    assert visible_answer("caf\ufffd", "manual", eos) == "caf"  # a multi-byte character not yet complete
+    assert visible_answer("What is the key?<|im_end|>\n<|im_start|>assis", "reconstruct", eos) == ""
+    assert visible_answer("What is the key?" + ASSISTANT + "42 and", "reconstruct", eos) == "42 and"

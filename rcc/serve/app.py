@@ -27,7 +27,7 @@ from ..prompts import default_mode
 from .engine import Engine, Question, ServeError, Sink
 
 PAGE = Path(__file__).with_name("page.html")
-OPEN_PATHS = ("/", "/health")  # no key needed: the page asks for the key itself
+OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json")  # no key needed: the page and the schema ask for it
 
 
 def _error(status: int, message: str, kind: str | None = None) -> JSONResponse:
