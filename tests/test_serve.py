@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import re
 import time
 
@@ -263,6 +264,10 @@ def test_kill9_during_compression_and_during_a_question(tiny, tmp_path):
             time.sleep(0.05)
         s, body = ask(srv.url, big_id)  # never answered from a half-made memory
         assert s == 409 and "poll GET" in body["error"]["message"], body
+        # a question on a ready context is answered between compression steps, not after the job
+        assert ask(srv.url, cid, mode="manual", max_tokens=16)[1] == before
+        row = request(f"{srv.url}/v1/contexts/{big_id}")[1]
+        assert row["status"] == "compressing" and row["progress"]["windows_done"] < row["progress"]["windows_total"]
         srv.kill9()
         assert not (store / f"{big_id}.rcc").exists()
 
@@ -327,3 +332,19 @@ def test_streamed_text_never_shows_a_stop_marker_or_half_a_character():
     assert visible_answer("caf\ufffd", "manual", eos) == "caf"  # a multi-byte character not yet complete
     assert visible_answer("What is the key?<|im_end|>\n<|im_start|>assis", "reconstruct", eos) == ""
     assert visible_answer("What is the key?" + ASSISTANT + "42 and", "reconstruct", eos) == "42 and"
+
+
+@pytest.mark.slow
+def test_load_16_concurrent_clients_on_two_contexts_with_the_bundled_model(tmp_path):
+    """scripts/serve_load.py without the `rcc ask` comparison: zero errors, every answer the single-client one."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "serve_load.py"), "--clients", "16", "--cli-calls", "0",
+                          "-o", out], capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = json.loads(out.read_text())
+    assert result["errors"] == 0 and result["mismatches"] == 0
+    assert result["generate_calls"] < 2 + 2 * 16  # the concurrent questions were batched
