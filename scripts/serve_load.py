@@ -112,6 +112,8 @@ def main(argv=None) -> int:
         metrics = urllib.request.urlopen(url + "/metrics").read().decode()
         result["generate_calls"] = next(float(ln.split()[1]) for ln in metrics.splitlines()
                                         if ln.startswith("rcc_batches_total"))
+        print(f"server: concurrent {result['server_concurrent']}, one at a time {result['server_sequential']}",
+              file=sys.stderr, flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
