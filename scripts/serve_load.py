@@ -112,6 +112,8 @@ def main(argv=None) -> int:
         metrics = urllib.request.urlopen(url + "/metrics").read().decode()
         result["generate_calls"] = next(float(ln.split()[1]) for ln in metrics.splitlines()
                                         if ln.startswith("rcc_batches_total"))
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1))  # kept if the rcc ask calls are cut short
         print(f"server: concurrent {result['server_concurrent']}, one at a time {result['server_sequential']}",
               file=sys.stderr, flush=True)
     finally:
