@@ -44,7 +44,8 @@ STATE_NAME = "trainer_state.json"
 TRAIN_CONFIG_NAME = "train_config.json"
 # options that may change between a run and its resumption without a warning
 _RESUMABLE = {f"run.{k}" for k in ("resume", "progress", "log_every", "eval_every", "eval_batches", "save_every",
-                                   "keep_checkpoints", "num_workers", "tensorboard")}
+                                   "keep_checkpoints", "num_workers", "tensorboard", "compile")}
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -134,6 +135,82 @@ def build_model(cfg: TrainConfig) -> RCCModel:
     for p in [*model.G.parameters(), *model.A.parameters()]:
         p.requires_grad_(True)
     return model
+
+
+def resolve_precision(cfg: TrainConfig, cuda: bool) -> str:
+    """The run's ``mixed_precision`` with ``auto`` resolved: bf16 on a GPU that
+    has it, fp16 on an older GPU, ``"no"`` on a CPU (exact float32 results by
+    default; ``bf16`` is a choice, see :class:`TrainConfig`)."""
+    if cfg.run.mixed_precision != "auto":
+        return cfg.run.mixed_precision
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def resolve_frozen_dtype(cfg: TrainConfig, precision: str, sharded: bool = False) -> torch.dtype:
+    """The dtype frozen backbone weights are stored in (``cfg.model.frozen_dtype`` resolved).
+
+    ``auto``: the compute dtype (``precision``'s autocast dtype, else ``cfg.model.dtype``),
+    so that autocast finds them already cast; ``cfg.model.dtype`` under FSDP / DeepSpeed.
+
+    Raises:
+        RCCError: for a value that is neither ``cfg.model.dtype`` nor the compute dtype,
+            or a reduced one under FSDP / DeepSpeed.
+    """
+    base = getattr(torch, cfg.model.dtype)
+    compute = _AUTOCAST.get(precision, base)
+    if cfg.model.frozen_dtype == "auto":
+        return base if sharded else compute
+    frozen = getattr(torch, cfg.model.frozen_dtype)
+    if frozen not in (base, compute):
+        raise RCCError(f"model.frozen_dtype={cfg.model.frozen_dtype} is neither model.dtype ({cfg.model.dtype}) nor "
+                       f"the compute dtype of run.mixed_precision={precision}; set model.frozen_dtype=auto")
+    if sharded and frozen != base:
+        raise RCCError(f"model.frozen_dtype={cfg.model.frozen_dtype} under FSDP / DeepSpeed: their shards hold one "
+                       "dtype; leave model.frozen_dtype=auto and let their mixed precision cast")
+    return frozen
+
+
+def store_frozen(model: RCCModel, cfg: TrainConfig, dtype: torch.dtype) -> int:
+    """Cast the frozen floating-point weights of the sides not trained in full
+    to ``dtype``, in place (once, so that autocast does not re-cast them on
+    every forward). Trainable parameters (LoRA, G, A_i) keep their dtype; a
+    side trained in full is left whole. Returns the number of tensors cast."""
+    cast = 0
+    for side, mode in (("encoder", cfg.model.train_encoder), ("decoder", cfg.model.train_decoder)):
+        if mode == "full":
+            continue
+        for p in getattr(model, side).parameters():  # tied weights are listed once
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += 1
+    return cast
+
+
+def compile_layers(model: RCCModel) -> int:
+    """``torch.compile`` the own ``forward`` of every decoder layer of both sides.
+
+    Module hooks (RCC's injections, :mod:`rcc.hooks`; FSDP's) run in
+    ``Module.__call__``, which stays eager, so they fire outside the compiled
+    region and a new context never forces a recompilation. Returns the number
+    of layers compiled.
+    """
+    from . import hooks
+
+    count = 0
+    for side in (model.encoder, model.decoder):
+        for layer in hooks.decoder_layers(side):
+            layer.forward = torch.compile(layer.forward)
+            count += 1
+    return count
+
+
+def make_optimizer(model: RCCModel, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`: one fused kernel on a GPU, multi-tensor
+    (``foreach``) updates on a CPU, never a Python loop over tensors."""
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), **kind)
 
 
 def _set_modes(model, cfg: TrainConfig, training: bool, accelerator) -> None:
@@ -336,11 +413,71 @@ def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
 
 def _out_of_time(deadline: float, accelerator) -> bool:
     """Whether any process is past ``deadline`` (all processes decide together)."""
+    if accelerator.num_processes == 1:
+        return time.monotonic() > deadline  # no device round trip
     late = torch.tensor([float(time.monotonic() > deadline)], device=accelerator.device)
     return bool(accelerator.reduce(late, "max").item() > 0)
 
 
-def _final_model(accelerator, model, cfg: TrainConfig) -> RCCModel:
+def _wrap_by_layer_class(accelerator, model: RCCModel) -> None:
+    """Make FSDP's transformer auto-wrap shard each decoder layer of both
+    backbones: the plugin's class names come from the backbones themselves
+    when the accelerate config leaves them unset.
+
+    Raises:
+        RCCError: when the config names a layer class this model does not have.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from . import hooks
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return  # size-based, none, or already resolved
+    own = sorted({type(layer).__name__ for side in (model.encoder, model.decoder)
+                  for layer in hooks.decoder_layers(side)})
+    named = plugin.transformer_cls_names_to_wrap
+    if not named:
+        plugin.transformer_cls_names_to_wrap = own
+        log.info("FSDP wraps each %s", " / ".join(own))
+        return
+    present = {type(m).__name__ for m in model.modules()}
+    absent = [n for n in named if n not in present]
+    if absent:
+        raise RCCError(f"the accelerate config's fsdp_transformer_layer_cls_to_wrap names {', '.join(absent)}, which "
+                       f"this model does not have; its decoder layers are {', '.join(own)} (or leave it unset)")
+
+
+def _gathered_model(state: dict[str, torch.Tensor], like: RCCModel) -> RCCModel:
+    """An ordinary :class:`RCCModel` holding the gathered full ``state`` (FSDP /
+    DeepSpeed), built on the meta device from ``like``'s backbone configs:
+    nothing is read from disk and no weight is allocated a second time.
+
+    Raises:
+        RuntimeError: when ``state`` does not fill the model (an internal error).
+    """
+    from transformers import AutoModelForCausalLM
+
+    sides = {}
+    with torch.device("meta"):
+        for side in ("encoder", "decoder"):
+            source = getattr(like, side)
+            lm = AutoModelForCausalLM.from_config(source.config)
+            lora = adapters.lora_config(source)
+            if lora is not None:
+                adapters.add_lora(lm, lora["r"], lora["lora_alpha"], lora["lora_dropout"], lora["target_modules"])
+            sides[side] = lm
+        plain = RCCModel(sides["encoder"], sides["decoder"], like.config, tokenizer=like.tokenizer)
+    _, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    for lm in sides.values():
+        lm.tie_weights()  # assign=True replaced tied parameters one by one
+    empty = [k for k, v in plain.state_dict().items() if v.is_meta]
+    if empty or unexpected:
+        raise RuntimeError(f"gathered state does not fit the model: unfilled {empty[:3]}, unexpected {unexpected[:3]}")
+    return plain
+
+
+def _final_model(accelerator, model) -> RCCModel:
     """The trained model as one ordinary module (FSDP / DeepSpeed gather their shards)."""
     from accelerate.utils import DistributedType
 
@@ -348,10 +485,7 @@ def _final_model(accelerator, model, cfg: TrainConfig) -> RCCModel:
         state = accelerator.get_state_dict(model)  # full weights on the main process
         if not accelerator.is_main_process:
             return accelerator.unwrap_model(model)
-        plain = build_model(cfg)
-        plain.load_state_dict(state)
-        plain.config = accelerator.unwrap_model(model).config
-        return plain
+        return _gathered_model(state, accelerator.unwrap_model(model))
     return accelerator.unwrap_model(model)
 
 
@@ -386,9 +520,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
 
     cfg = TrainConfig.load(config, overrides)
 
-    precision = cfg.run.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    precision = resolve_precision(cfg, torch.cuda.is_available())
     # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun
     # on a CPU machine): accelerate runs DDP on gloo only when told cpu=True
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -404,7 +536,16 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     set_seed(cfg.run.seed)
 
     # model and data
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     model = build_model(cfg)
+    frozen = resolve_frozen_dtype(cfg, precision, sharded)
+    if store_frozen(model, cfg, frozen):
+        log.info("frozen backbone weights stored in %s, trained parameters in %s (mixed_precision=%s)",
+                 str(frozen).removeprefix("torch."), cfg.model.dtype, precision)
+    if cfg.run.compile:
+        log.info("compiled %d decoder layers (torch.compile; the first steps compile)", compile_layers(model))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _wrap_by_layer_class(accelerator, model)
     train_batches, eval_batches, epoch_batches = build_data(cfg, model)
     world = accelerator.num_processes
     total_steps = cfg.optim.max_steps or math.ceil(cfg.optim.epochs * epoch_batches / (world * cfg.optim.grad_accum))
@@ -412,7 +553,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
 
     # optimiser and schedule (stepped once per optimiser step; not handed to
     # accelerate, which would step it once per process)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    optimizer = make_optimizer(model, cfg, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -450,21 +591,28 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     # loader gets its own generator so that it draws nothing from the global
     # RNG (whose restored state drives dropout after a resume)
     first = state["micro_step"] * world + accelerator.process_index
+    cuda = accelerator.device.type == "cuda"
+    workers = cfg.run.num_workers if cfg.run.num_workers is not None else (2 if cuda else 0)
     loader = torch.utils.data.DataLoader(
-        train_batches, batch_size=None, num_workers=cfg.run.num_workers, pin_memory=accelerator.device.type == "cuda",
+        train_batches, batch_size=None, num_workers=workers, pin_memory=cuda,
         sampler=range(first, total_steps * cfg.optim.grad_accum * world, world), generator=torch.Generator())
     batches = iter(loader)
     bar = tqdm(total=total_steps, initial=state["step"], disable=not (main and cfg.run.progress), unit="step",
                dynamic_ncols=True, desc=cfg.task)
     metrics: dict = {}
-    running = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, micro-batches, tokens
+    # no host sync in the step: counters are Python ints and the loss sum stays
+    # on the device until it is logged
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    micro_batches = tokens = 0
     clock = time.perf_counter()
     deadline = time.monotonic() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
     _set_modes(model, cfg, True, accelerator)
     try:
         while state["step"] < total_steps:
             for _ in range(cfg.optim.grad_accum):
-                batch = _to(next(batches), accelerator.device)
+                host_batch = next(batches)
+                tokens += host_batch["context_ids"].numel() + host_batch["input_ids"].numel()
+                batch = _to(host_batch, accelerator.device)
                 with accelerator.accumulate(model):
                     loss = training_loss(model, batch, cfg.data.grad_windows)
                     accelerator.backward(loss)
@@ -473,22 +621,23 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state["micro_step"] += 1
-                running += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=running.device),
-                                        torch.tensor(float(batch["context_ids"].numel() + batch["input_ids"].numel()),
-                                                     dtype=torch.float64, device=running.device)])
+                loss_sum += loss.detach().double()
+                micro_batches += 1
             scheduler.step()
             state["step"] += 1
             step = state["step"]
             bar.update(1)
 
             if step % cfg.run.log_every == 0 or step == total_steps:
-                total = accelerator.reduce(running, "sum")
+                counts = torch.tensor([micro_batches, tokens], dtype=torch.float64, device=loss_sum.device)
+                total = accelerator.reduce(torch.cat([loss_sum.reshape(1), counts]), "sum").tolist()
                 seconds = time.perf_counter() - clock
-                state["tokens"] += int(total[2].item())
-                metrics = {"step": step, "loss": (total[0] / total[1]).item(),
-                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": total[2].item() / max(seconds, 1e-9),
+                state["tokens"] += int(total[2])
+                metrics = {"step": step, "loss": total[0] / total[1],
+                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": total[2] / max(seconds, 1e-9),
                            "tokens": state["tokens"]}
-                running.zero_()
+                loss_sum.zero_()
+                micro_batches = tokens = 0
                 clock = time.perf_counter()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
@@ -521,7 +670,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
             writer.close()
 
     # the result: what was trained, loadable with RCCModel.from_pretrained
-    final = _final_model(accelerator, model, cfg)
+    final = _final_model(accelerator, model)
     final_dir = output_dir / "final"
     if main:
         final.config.trained = True

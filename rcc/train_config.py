@@ -63,7 +63,17 @@ class ModelOptions:
             takes RCCConfig's default, ``init_from`` keeps the saved model's
             value. With ``init_from`` a set window must match the saved one;
             ratio and pooling may change (no parameter depends on them).
-        dtype: parameter dtype (mixed precision keeps float32 master weights).
+        dtype: dtype the backbones are loaded in and the trained parameters
+            (LoRA, G, A_i, a side trained in full) are kept in; float32 unless
+            the whole run is to be in another dtype.
+        frozen_dtype: dtype the frozen backbone weights are stored in during
+            training (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``).
+            ``auto`` = the compute dtype: bfloat16 / float16 under
+            ``run.mixed_precision`` bf16 / fp16 (so autocast never re-casts a
+            frozen weight per step), else ``dtype``; under FSDP / DeepSpeed
+            always ``dtype`` (their shards hold one dtype; their own mixed
+            precision casts). An explicit value must be ``dtype`` or the
+            compute dtype. A side trained in full keeps ``dtype`` throughout.
         train_encoder / train_decoder: ``"full"``, ``"frozen"`` or ``"lora"``;
             G and A_i are always trained.
         lora_r / lora_alpha / lora_dropout / lora_target_modules: peft LoRA
@@ -87,6 +97,7 @@ class ModelOptions:
     lora_dropout: float = 0.0
     lora_target_modules: list | None = None
     gradient_checkpointing: bool = False
+    frozen_dtype: str = "auto"
 
     def rcc_fields(self) -> dict[str, Any]:
         """The :class:`RCCConfig` fields this config sets (window, ratio, pooling that are not None)."""
@@ -191,12 +202,21 @@ class RunOptions:
         eval_batches (0: no evaluation), save_every (0: only at the end), keep_checkpoints.
         resume: ``"auto"`` (continue from the newest checkpoint in ``output_dir``),
             ``"never"``, or a checkpoint folder.
-        num_workers, progress, tensorboard.
+        num_workers: data loader processes (None: 2 on a GPU, with pinned
+            memory, 0 on a CPU).
+        progress, tensorboard.
+        compile: ``torch.compile`` each decoder layer's own forward (both
+            sides); RCC's per-layer hooks run outside the compiled region. Costs
+            compilation time at start (and a C compiler on CPU).
         max_minutes: wall-clock budget of this run (None: none): when it is
             spent the run saves a checkpoint and ``final`` and stops early
             (the schedule still assumes ``optim.max_steps``; a later run with
             ``resume=auto`` continues it).
-        mixed_precision: ``"auto"`` = bf16 on a GPU that supports it, else off.
+        mixed_precision: the compute dtype of the step (autocast): ``"auto"`` =
+            bf16 on a GPU that supports it, fp16 on an older GPU, off (float32)
+            on a CPU, where results then stay exact and machine-independent;
+            ``"bf16"`` on a CPU with native bf16 (avx512_bf16 / AMX) is faster
+            (docs/benchmarks.md, "Training speed").
         ddp_find_unused_parameters: passed to DDP.
     """
 
@@ -208,12 +228,13 @@ class RunOptions:
     save_every: int = 1000
     keep_checkpoints: int = 2
     resume: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None
     progress: bool = True
     tensorboard: bool = True
     max_minutes: float | None = None
     mixed_precision: str = "auto"
     ddp_find_unused_parameters: bool = False
+    compile: bool = False
 
 
 SECTIONS: dict[str, type] = {"model": ModelOptions, "data": DataOptions, "optim": OptimOptions, "run": RunOptions}
@@ -254,6 +275,8 @@ class TrainConfig:
                 setattr(self, name, _section(name, value))
             elif not isinstance(value, cls):
                 raise RCCError(f"{name} must be a mapping of option: value; got {value!r}")
+        if self.run.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.run.mixed_precision = "no"
         if not isinstance(self.task, str):
             raise RCCError(f"task must be str; got {self.task!r} ({type(self.task).__name__})")
         for name in SECTIONS:
@@ -273,7 +296,8 @@ class TrainConfig:
             raise RCCError(f"task must be one of {', '.join(TRAIN_TASKS)}; got {self.task!r}")
         for name, allowed in (("train_encoder", SIDE_MODES), ("train_decoder", SIDE_MODES),
                               ("instruction_mode", INSTRUCTION_MODES), ("mixed_precision", PRECISIONS),
-                              ("dtype", PARAM_DTYPES), ("on_error", ("fail", "skip"))):
+                              ("dtype", PARAM_DTYPES), ("frozen_dtype", ("auto", *PARAM_DTYPES[:3])),
+                              ("on_error", ("fail", "skip"))):
             if self._get(name) not in allowed:
                 raise RCCError(f"{_key(name)} must be one of {', '.join(allowed)}; got {self._get(name)!r}")
         if m.pooling is not None and m.pooling not in POOLINGS:
