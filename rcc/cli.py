@@ -413,6 +413,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from .bench_train import cmd
+
+    return cmd(args)
+
+
+def _bench_train_args(p: argparse.ArgumentParser) -> None:
+    from .bench_train import add_args  # imports no torch
+
+    add_args(p)
+
+
 # ------------------------------------------------------------------ parser
 def _model_args(p: argparse.ArgumentParser) -> None:
     from .bundled import DEFAULT_MODEL
@@ -572,7 +584,9 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "prepare-data": (cmd_prepare_data, _prepare_data_args, "tokenize a corpus into a memory-mapped token folder"),
     "synth": (cmd_synth, _synth_args, "build synthetic pass-key / needle / extract records from prose"),
     "eval": (cmd_eval, _eval_args, "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines"),
-    "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone"),
+    "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone "
+              "(`rcc bench train CONFIG`: training speed)"),
+    "bench-train": (cmd_bench_train, _bench_train_args, "training speed of a config: tokens/s, step split, memory, MFU (also `rcc bench train`)"),
     "serve": (cmd_serve, serve_args, "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)"),
 }
 
@@ -601,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if argv[at : at + 2] == ["bench", "train"]:  # `rcc bench train CONFIG`: training speed (rcc/bench_train.py)
+        argv[at : at + 2] = ["bench-train"]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

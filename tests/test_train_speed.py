@@ -175,3 +175,70 @@ def test_the_gathered_model_saves_what_the_trained_one_saves(tokens, tmp_path, m
     plain.save_pretrained(str(tmp_path / "b"), include_backbones=True)
     a, b = (RCCModel.from_pretrained(str(tmp_path / x)).state_dict() for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------- FSDP
+def test_fsdp_wraps_the_backbones_own_layer_class_when_the_config_leaves_it_unset(tokens, tmp_path):
+    """The decision rcc train makes before accelerate.prepare, on accelerate's own plugin."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from rcc.train import _wrap_by_layer_class
+
+    _, model = lora_model(tokens, tmp_path)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    _wrap_by_layer_class(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), model)
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    plugin.set_auto_wrap_policy(model)  # what accelerate then does: the class resolves in this model
+    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {type(model.decoder.model.layers[0])}
+    wrong = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                           transformer_cls_names_to_wrap=["GPTNeoXLayer"])
+    with pytest.raises(RCCError, match="GPTNeoXLayer.*LlamaDecoderLayer"):
+        _wrap_by_layer_class(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=wrong)), model)
+
+
+def test_two_cpu_processes_under_fsdp2_train_and_save_like_one_with_gradient_accumulation(tokens, tmp_path):
+    """accelerate 1.15 runs an FSDP config as DDP on a CPU (no FSDP there), so this drives torch's
+    fully_shard directly on gloo: every decoder layer of both backbones sharded, two steps, the
+    full state gathered and saved on rank 0 without reloading a backbone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.test_train import _free_port
+
+    cfg = tiny(tokens, tmp_path / "run", train_encoder="lora", train_decoder="lora", lora_r=4)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(repo / "tests" / "fsdp_worker.py"), str(tmp_path / "cfg.yaml"),
+                           str(tmp_path / "fsdp")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the same two steps in one process: the two ranks' micro-batches averaged
+    from rcc.data import PretrainBatches, TokenFile
+
+    conf = TrainConfig.load(cfg)
+    torch.manual_seed(0)
+    model = build_model(conf).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    batches = PretrainBatches(TokenFile(tokens), window=16, batch_size=2, min_windows=2, max_windows=2,
+                              target_tokens=8, cue_min=2, cue_max=2, reconstruct_fraction=0.5)
+    for step in range(2):
+        for rank in range(2):
+            (model(**batches[step * 2 + rank]).loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    from rcc.adapters import merged_state
+
+    saved = RCCModel.from_pretrained(str(tmp_path / "fsdp")).state_dict()
+    ref = {f"{side}.{k}": v for side in ("encoder", "decoder") for k, v in merged_state(getattr(model, side)).items()}
+    ref.update({k: v for k, v in model.state_dict().items() if k.startswith(("G.", "A."))})
+    assert saved.keys() == ref.keys()  # saved with backbones: adapters merged into them
+    assert not torch.equal(saved["G.weight"], torch.eye(32))
+    worst = max((saved[k] - v).abs().max().item() for k, v in ref.items())
+    assert worst < 1e-5, worst
