@@ -153,6 +153,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_hooks_firing(tok
 
 
 @needs_cc
+@pytest.mark.slow
 def test_a_compiled_run_logs_the_eager_losses(tokens, tmp_path):
     common = dict(max_steps=3, min_windows=1, max_windows=1, eval_every=0, eval_batches=0)
     train(tiny(tokens, tmp_path / "eager", **common))
