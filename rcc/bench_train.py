@@ -100,9 +100,9 @@ def step_flops(model, cfg, batch: dict, counts: tuple[dict, dict] | None = None)
     b, n = batch["context_ids"].shape
     m = batch["input_ids"].shape[1]
     windows = math.ceil(n / W)
-    with_grad = min(windows, cfg.grad_windows) if cfg.grad_windows else windows
+    with_grad = min(windows, cfg.data.grad_windows) if cfg.data.grad_windows else windows
     enc, dec = counts or (_side_counts(model.encoder), _side_counts(model.decoder))
-    encoder_backward = cfg.train_encoder != "frozen"
+    encoder_backward = cfg.model.train_encoder != "frozen"
     flops = 0.0
     # encoder: every window forward, the gradient windows backward
     fwd = 2 * enc["n"] * W + 2 * enc["layers"] * W * W * enc["attn_width"]
@@ -217,31 +217,31 @@ class _Runner:
         self.variant, self.cfg, self.device = variant, cfg, device
         cuda = device.type == "cuda"
         if variant.legacy:  # what rcc train resolved before: no fp16 default, frozen weights as loaded
-            precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else (
+            precision = cfg.run.mixed_precision if cfg.run.mixed_precision != "auto" else (
                 "bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
         else:
             precision = resolve_precision(cfg, cuda)
         self.precision = precision
-        self.compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, getattr(torch, cfg.dtype))
-        torch.manual_seed(cfg.seed)
+        self.compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, getattr(torch, cfg.model.dtype))
+        torch.manual_seed(cfg.run.seed)
         model = build_model(cfg)
-        self.frozen_dtype = getattr(torch, cfg.dtype)
+        self.frozen_dtype = getattr(torch, cfg.model.dtype)
         if not variant.legacy:
             self.frozen_dtype = resolve_frozen_dtype(cfg, precision)
             store_frozen(model, cfg, self.frozen_dtype)
-            if cfg.compile:
+            if cfg.run.compile:
                 compile_layers(model)
         model.to(device)
         model.train()
-        for side, mode in (("encoder", cfg.train_encoder), ("decoder", cfg.train_decoder)):
+        for side, mode in (("encoder", cfg.model.train_encoder), ("decoder", cfg.model.train_decoder)):
             if mode == "frozen":
                 getattr(model, side).eval()
         self.model = model
         if data is not None:
-            cfg.train_data = data
+            cfg.data.train_data = data
         self.batches = build_data(cfg, model)[0]
         if variant.legacy:
-            self.optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.adam_beta1, cfg.adam_beta2))
+            self.optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
         else:
             self.optimizer = make_optimizer(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -282,7 +282,7 @@ class _Runner:
             mark = now
 
         amp = torch.autocast(self.device.type, dtype=self.compute, enabled=self.precision in ("bf16", "fp16"))
-        for _ in range(cfg.grad_accum):
+        for _ in range(cfg.optim.grad_accum):
             host = self.batches[self.micro % len(self.batches)]
             self.micro += 1
             tokens += host["context_ids"].numel() + host["input_ids"].numel()
@@ -291,7 +291,7 @@ class _Runner:
             batch = _to(host, self.device)
             lap("data")
             with amp:
-                loss = training_loss(model, batch, cfg.grad_windows) / cfg.grad_accum
+                loss = training_loss(model, batch, cfg.data.grad_windows) / cfg.optim.grad_accum
             lap("forward")
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             if self.variant.legacy:  # the loss counters as rcc train kept them: a host round trip each
@@ -304,8 +304,8 @@ class _Runner:
             lap("backward")
         if self.scaler:
             self.scaler.unscale_(opt)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
         if self.scaler:
             self.scaler.step(opt)
             self.scaler.update()
@@ -317,7 +317,7 @@ class _Runner:
         seconds = time.perf_counter() - start
         growth = self.memory.growth(before)
         return {"seconds": seconds, "tokens": tokens, "samples": samples, "flops": flops, "split": split,
-                "phases": times, "growth_bytes": growth, "loss": loss.item() * cfg.grad_accum}
+                "phases": times, "growth_bytes": growth, "loss": loss.item() * cfg.optim.grad_accum}
 
     def summary(self, peak: float | None) -> dict:
         timed = [r for r in self.records if not r["split"]] or self.records
@@ -330,8 +330,8 @@ class _Runner:
         return {
             "name": self.variant.name, "legacy": self.variant.legacy, "overrides": self.variant.overrides,
             "mixed_precision": self.precision, "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."),
-            "compile": bool(self.cfg.compile and not self.variant.legacy), "batch_size": self.cfg.batch_size,
-            "grad_accum": self.cfg.grad_accum, "steps": len(timed), "seconds_per_step": sec,
+            "compile": bool(self.cfg.run.compile and not self.variant.legacy), "batch_size": self.cfg.optim.batch_size,
+            "grad_accum": self.cfg.optim.grad_accum, "steps": len(timed), "seconds_per_step": sec,
             "seconds_all": [r["seconds"] for r in timed], "samples_per_s": r0["samples"] / sec,
             "tokens_per_s": r0["tokens"] / sec, "phases_s": phases, "flops_per_step": r0["flops"],
             "tflops_per_s": r0["flops"] / sec / 1e12, "mfu": (r0["flops"] / sec / peak) if peak else None,
@@ -348,9 +348,9 @@ def _random_tokens(cfg, vocab: int, folder: Path) -> str:
 
     if cfg.task != "pretrain":
         raise RCCError("--random-data builds pretraining tokens; give a pretrain config (task: pretrain)")
-    window = cfg.window or 2048
-    length = 2 * (cfg.max_windows * window + cfg.target_tokens)
-    rng = np.random.default_rng(cfg.seed)
+    window = cfg.model.rcc_config().window
+    length = 2 * (cfg.data.max_windows * window + cfg.data.target_tokens)
+    rng = np.random.default_rng(cfg.run.seed)
     write_token_folder(folder, {"train": [rng.integers(1, vocab, length) for _ in range(64)]}, vocab)
     return str(folder)
 
@@ -395,11 +395,11 @@ def run(config: str, overrides: list[str], compare: list[str], legacy_overrides:
     with tempfile.TemporaryDirectory(prefix="rcc-bench-train-") as tmp:
         data = None
         for v in variants:
-            base = ["resume=never", f"output_dir={tmp}/out", "progress=false", "eval_batches=0"]
+            base = ["run.resume=never", f"run.output_dir={tmp}/out", "run.progress=false", "run.eval_batches=0"]
             cfg = TrainConfig.load(config, [*base, *v.overrides])
             if random_data and data is None:
                 data = _random_tokens(cfg, _vocab(cfg), Path(tmp) / "tokens")
-            say(f"building {v.name} ({cfg.batch_size} x {cfg.grad_accum} samples a step)")
+            say(f"building {v.name} ({cfg.optim.batch_size} x {cfg.optim.grad_accum} samples a step)")
             runners.append(_Runner(v, cfg, dev, data))
         compute = runners[-1].compute
         peak, peak_from = device_peak(dev, compute, peak_tflops)
@@ -428,7 +428,7 @@ def _vocab(cfg) -> int:
 
     from .backbones import EMBEDDED
 
-    spec = cfg.backbone or cfg.decoder_backbone
+    spec = cfg.model.backbone or cfg.model.decoder_backbone
     if isinstance(spec, dict):
         return int(spec.get("vocab_size", 32000))
     if spec == EMBEDDED:

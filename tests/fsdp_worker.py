@@ -28,7 +28,7 @@ def main(config: str, out: str) -> None:
             fully_shard(module)
     fully_shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
-    batches = PretrainBatches(TokenFile(cfg.train_data), window=16, batch_size=2, min_windows=2, max_windows=2,
+    batches = PretrainBatches(TokenFile(cfg.data.train_data), window=16, batch_size=2, min_windows=2, max_windows=2,
                               target_tokens=8, cue_min=2, cue_max=2, reconstruct_fraction=0.5)
     for step in range(2):  # micro-batch step * world + rank, as rcc train numbers them
         model(**batches[step * 2 + rank]).loss.backward()

@@ -13,7 +13,7 @@ from rcc.bench_train import step_flops
 from rcc.cli import main
 from rcc.data import PretrainBatches, TokenFile, write_token_folder
 from rcc.train import build_model, training_loss
-from rcc.train_config import TrainConfig
+from rcc.train_config import SECTION_OF, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BACKBONE = dict(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -28,10 +28,14 @@ def folder(tmp_path_factory):
     return path
 
 
-def config(folder, out, **over) -> dict:
-    cfg = dict(backbone=BACKBONE, window=32, ratio=4, train_data=str(folder), output_dir=str(out), max_steps=1,
-               min_windows=2, max_windows=2, target_tokens=16, cue_min=2, cue_max=3, batch_size=2, lora_r=4)
-    cfg.update(over)
+def config(folder, out, task="pretrain", **over) -> dict:
+    """A tiny run's config in the nested form; ``over`` names options by field."""
+    options = dict(backbone=BACKBONE, window=32, ratio=4, train_data=str(folder), output_dir=str(out), max_steps=1,
+                   min_windows=2, max_windows=2, target_tokens=16, cue_min=2, cue_max=3, batch_size=2, lora_r=4)
+    options.update(over)
+    cfg: dict = {"task": task}
+    for key, value in options.items():
+        cfg.setdefault(SECTION_OF[key], {})[key] = value
     return cfg
 
 
@@ -54,8 +58,8 @@ def test_the_cli_compares_the_legacy_step_and_writes_json_and_a_table(folder, tm
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(folder, tmp_path / "run", train_encoder="lora",
                                                            train_decoder="lora", train_data="nowhere")))
     out = tmp_path / "bench.json"
-    code = main(["bench", "train", str(tmp_path / "c.yaml"), "mixed_precision=bf16", "--random-data", "--compare",
-                 "legacy", "--legacy", "mixed_precision=no", "--steps", "1", "--warmup", "0", "--peak-tflops", "1",
+    code = main(["bench", "train", str(tmp_path / "c.yaml"), "run.mixed_precision=bf16", "--random-data", "--compare",
+                 "legacy", "--legacy", "run.mixed_precision=no", "--steps", "1", "--warmup", "0", "--peak-tflops", "1",
                  "-q", "-o", str(out)])
     assert code == 0
     result = json.loads(out.read_text())

@@ -6,7 +6,7 @@
 #   here:        bash recipes/smollm2-135m/gpu.sh pack            # .gpu/: GGUF pieces, wheel, tokens
 #   GPU, 1..N:   bash recipes/smollm2-135m/gpu.sh stash PIECE     # one call per piece, carry .gpu/PIECE
 #   GPU:         bash recipes/smollm2-135m/gpu.sh bench           # old vs new step, random SmolLM2 shapes
-#   GPU:         bash recipes/smollm2-135m/gpu.sh train [CONFIG] [key=value ...]
+#   GPU:         bash recipes/smollm2-135m/gpu.sh train [CONFIG] [section.key=value ...]
 #   here:        bash recipes/smollm2-135m/gpu.sh unpack FILES_DIR runs/smollm2-135m/gpu/final
 #
 # Pieces are at most 20 MB: the tool carries 64 MiB a call and the tracked tree
@@ -63,15 +63,15 @@ stash)  # on the GPU machine: move one carried piece out of the tree
 bench)  # the stage-1 step before and after the speed work, SmolLM2's shapes with random weights
   export PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   $PY -m rcc.cli bench train recipes/smollm2-135m/pretrain.yaml \
-      'backbone={model_type: llama, vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 8192, rope_theta: 100000, rms_norm_eps: 1.0e-5, tie_word_embeddings: true}' \
+      'model.backbone={model_type: llama, vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 8192, rope_theta: 100000, rms_norm_eps: 1.0e-5, tie_word_embeddings: true}' \
       --random-data --compare legacy --steps "${STEPS:-10}" --warmup 2 -o "${OUT:-runs}/bench-train-gpu.json" "${@:2}"
   ;;
 train)  # on the GPU machine, after every stash call
   site
   config=${2:-recipes/smollm2-135m/pretrain.yaml}
   run=/tmp/rcc-gpu-run
-  $PY -m rcc.cli train "$config" output_dir=$run max_minutes="$MINUTES" save_every=0 keep_checkpoints=1 \
-      progress=false "${@:3}"
+  $PY -m rcc.cli train "$config" run.output_dir=$run run.max_minutes="$MINUTES" run.save_every=0 \
+      run.keep_checkpoints=1 run.progress=false "${@:3}"
   $PY recipes/smollm2-135m/shards.py split $run/final "${OUT:-runs/gpu-out}"
   cp $run/log.jsonl "${OUT:-runs/gpu-out}/"
   ;;
