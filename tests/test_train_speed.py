@@ -84,11 +84,11 @@ def test_frozen_dtype_resolution_and_refusals(tokens, tmp_path):
     assert resolve_frozen_dtype(cfg, "bf16", sharded=True) == torch.float32
     legacy = TrainConfig.load(tiny(tokens, tmp_path, frozen_dtype="float32"))
     assert resolve_frozen_dtype(legacy, "bf16") == torch.float32
-    with pytest.raises(RCCError, match="neither dtype"):
+    with pytest.raises(RCCError, match="neither model.dtype"):
         resolve_frozen_dtype(TrainConfig.load(tiny(tokens, tmp_path, frozen_dtype="float16")), "bf16")
     with pytest.raises(RCCError, match="FSDP"):
         resolve_frozen_dtype(TrainConfig.load(tiny(tokens, tmp_path, frozen_dtype="bfloat16")), "bf16", sharded=True)
-    with pytest.raises(RCCError, match="frozen_dtype must be one of"):
+    with pytest.raises(RCCError, match="model.frozen_dtype must be one of"):
         TrainConfig.load(tiny(tokens, tmp_path, frozen_dtype="int8"))
 
 
