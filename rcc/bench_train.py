@@ -136,7 +136,8 @@ def device_peak(device: torch.device, compute: torch.dtype, given_tflops: float 
                 reduced = compute in (torch.bfloat16, torch.float16)
                 return (half if reduced else single) * 1e12, f"table: {fragment} {'bf16/fp16' if reduced else 'fp32'}"
         return None, f"unknown GPU {name!r}: give --peak-tflops"
-    return matmul_peak(compute), f"measured: {str(compute).removeprefix('torch.')} matmul on {torch.get_num_threads()} threads"
+    name = str(compute).removeprefix("torch.")
+    return matmul_peak(compute), f"measured: {name} matmul on {torch.get_num_threads()} threads"
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
@@ -241,7 +242,8 @@ class _Runner:
             cfg.data.train_data = data
         self.batches = build_data(cfg, model)[0]
         if variant.legacy:
-            self.optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+            betas = (cfg.optim.adam_beta1, cfg.optim.adam_beta2)
+            self.optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=betas)  # per-tensor on a CPU
         else:
             self.optimizer = make_optimizer(model, cfg, device)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -478,7 +480,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: table / measured)")
     p.add_argument("--random-data", action="store_true", help="random token ids instead of the config's train_data")
-    p.add_argument("-o", "--output", default="runs/bench-train.json", help="JSON result (default runs/bench-train.json)")
+    p.add_argument("-o", "--output", default="runs/bench-train.json",
+                   help="JSON result (default runs/bench-train.json)")
     p.add_argument("-q", "--quiet", action="store_true")
 
 

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -30,8 +30,8 @@ def a_batch(tokens_folder, windows=2):
 
 
 def lora_model(tokens_folder, tmp_path, **over):
-    cfg = TrainConfig.load(tiny(tokens_folder, tmp_path, **{"train_encoder": "lora", "train_decoder": "lora", "lora_r": 4,
-                                                              **over}))
+    options = {"train_encoder": "lora", "train_decoder": "lora", "lora_r": 4, **over}
+    cfg = TrainConfig.load(tiny(tokens_folder, tmp_path, **options))
     model = build_model(cfg).train()
     with torch.no_grad():  # A_i start at zero; non-zero ones make the hooks matter
         for i, a in enumerate(model.A):
