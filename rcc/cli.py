@@ -586,8 +586,6 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "eval": (cmd_eval, _eval_args, "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines"),
     "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone "
               "(`rcc bench train CONFIG`: training speed)"),
-    "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone "
-              "(`rcc bench train CONFIG`: training speed)"),
     "bench-train": (cmd_bench_train, _bench_train_args,
                     "training speed of a config: tokens/s, step split, memory, MFU (also `rcc bench train`)"),
     "serve": (cmd_serve, serve_args, "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)"),
