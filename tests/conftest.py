@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "reference_tiny_neox"
+# the original implementation's outputs on a tiny GPT-NeoX (tests/fixtures/reference_tiny_neox/README.md)
+FIXTURE = REPO / "tests" / "fixtures" / "reference_tiny_neox"
 
 TINY = {
     "gpt_neox": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -80,8 +81,10 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    if not (FIXTURE / "cases.json").is_file():
-        pytest.skip(f"reference fixture not found at {FIXTURE}")
+    """The vendored reference fixture; it is part of the repository, so a missing
+    file is a failure, not a skip (the exactness tests must run on every clone)."""
+    missing = [n for n in ("cases.json", "config.json", "model.safetensors") if not (FIXTURE / n).is_file()]
+    assert not missing, f"reference fixture incomplete at {FIXTURE}: {missing} missing"
     return FIXTURE
 
 

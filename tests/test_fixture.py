@@ -103,3 +103,16 @@ def test_truncated_weights_file_is_a_clear_error(tmp_path, fixture_dir):
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(RCCError, match="truncated or corrupt"):
         RCCModel.from_original(str(tmp_path / "t.safetensors"), base_model=str(fixture_dir / "config.json"))
+
+
+def test_vendored_fixture_is_the_recorded_bytes(fixture_dir):
+    """The fixture is the original's output: it must not be regenerated or edited
+    by accident (its README records the sha256 of each file)."""
+    import hashlib
+    import re
+
+    recorded = dict((name, digest) for digest, name in
+                    re.findall(r"^\s+([0-9a-f]{64})\s+(\S+)$", (fixture_dir / "README.md").read_text(), re.M))
+    assert set(recorded) == {"cases.json", "config.json", "model.safetensors"}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((fixture_dir / name).read_bytes()).hexdigest() == digest, name
