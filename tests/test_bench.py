@@ -55,6 +55,7 @@ def test_one_measurement_in_process(model):
     assert b["kv_cache_mib"] / r["kv_cache_mib"] == pytest.approx((640 + m + 3) / (80 + m + 3), rel=0.01)
 
 
+@pytest.mark.slow  # a child process per point
 def test_bench_cli_end_to_end_in_child_processes(model, tmp_path, capsys):
     ckpt = tmp_path / "model"
     model.save_pretrained(str(ckpt))
@@ -71,11 +72,13 @@ def test_bench_cli_end_to_end_in_child_processes(model, tmp_path, capsys):
             assert p["generated"] == 3 and p["peak_mib"] > 0 and p["memory_measure"].startswith("peak RSS")
             assert p["kv_positions"] == (n if kind == "backbone" else n // 8)
     assert res["summary"]["common_lengths"] == [256, 1024]
-    assert res["summary"]["rcc"]["slope_mib_per_1k"] is not None and "slope_ratio" in res["summary"]
+    assert res["summary"] == summarize(res["points"])  # the summary is the fit of the recorded points
+    assert res["summary"]["rcc"]["points"] == 2 and "slope_ratio" in res["summary"]
     assert "memory slope RCC" in text and "memory slope backbone" in text and "skipped" in text
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a child process per point
 def test_a_failing_point_is_recorded_not_fatal(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli("bench", "--model", tmp_path / "missing", "--device", "cpu", "--lengths", "256", "--kinds", "rcc",

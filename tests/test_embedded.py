@@ -27,6 +27,7 @@ def smol():
 
 def test_embedded_backbone_compress_generate_save_load(smol, tmp_path):
     from rcc import RCCModel
+    from rcc.prompts import build
 
     tok = smol.tokenizer
     text = (REPO / "examples" / "lighthouse.txt").read_text()
@@ -51,7 +52,13 @@ def test_embedded_backbone_compress_generate_save_load(smol, tmp_path):
     assert loaded.fingerprint() == smol.fingerprint()
     assert torch.equal(loaded.generate(mem, prompt, max_new_tokens=6, eos_token_id=None), out)
     answer = smol.ask(text, "Who kept the lamp?", mode="manual", max_new_tokens=5)
-    assert isinstance(answer.answer, str) and answer.reconstructed_question is None
+    assert answer.reconstructed_question is None and answer.token_ids
+    # manual mode: the text alone is compressed and the question is in the decoder's prompt
+    to_compress, manual = build(text, "Who kept the lamp?", "manual")
+    assert to_compress == text and tok(text, add_special_tokens=False).input_ids == ctx[0].tolist()
+    by_hand = smol.generate(mem, tok(manual, add_special_tokens=False, return_tensors="pt").input_ids,
+                            max_new_tokens=5)[0].tolist()
+    assert answer.token_ids == by_hand[: len(answer.token_ids)]
 
 
 def test_embedded_backbone_through_the_cli(tmp_path):

@@ -317,6 +317,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes
 def test_accelerate_launch_two_cpu_processes_equals_gradient_accumulation(tokens, tmp_path):
     """DDP on gloo: 2 processes x 1 micro-batch average their gradients, which is
     what 1 process with grad_accum=2 computes on the same global batches."""
