@@ -264,6 +264,7 @@ class Oracle:
 TOK = tiny_tokenizer()
 
 
+@pytest.mark.slow  # every task end to end (13 s CPU)
 def test_an_oracle_scores_perfectly_on_every_task(model, tmp_path):
     jsonl = tmp_path / "qa.jsonl"
     jsonl.write_text(json.dumps({"input": "Agnes kept the lamp.", "prompt": "Who kept it?", "answer": "Agnes"}) + "\n")
@@ -284,6 +285,7 @@ def test_an_oracle_scores_perfectly_on_every_task(model, tmp_path):
 
 
 # ------------------------------------------------------------ the CLI, end to end
+@pytest.mark.slow  # `rcc eval` end to end with plots
 def test_eval_passkey_cli_with_baselines_writes_json_table_and_heatmap(ckpt, tmp_path, capsys):
     out = tmp_path / "pk.json"
     assert cli("eval", "passkey", "--model", ckpt, "--lengths", "256,1k", "--depths", "0,0.5,1", "--baseline",
@@ -309,6 +311,7 @@ def test_eval_passkey_cli_with_baselines_writes_json_table_and_heatmap(ckpt, tmp
     assert not list(tmp_path.glob("*.part"))
 
 
+@pytest.mark.slow  # `rcc eval` end to end with plots
 def test_eval_needle_reconstruct_qa_cli(ckpt, tmp_path, capsys):
     out = tmp_path / "n.json"
     assert cli("eval", "needle", "--model", ckpt, "--haystack", DOC, "--needle", "The secret colour is teal.",

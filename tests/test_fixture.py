@@ -34,6 +34,7 @@ def test_training_loss_matches_original(reference_model, cases):
         assert out.logits.shape == (ids.shape[0], ids.shape[1] - window, reference_model.decoder.config.vocab_size)
 
 
+@pytest.mark.slow  # three float64 compressions of 4,500 tokens (8 s CPU); test_model checks streaming on tiny models
 def test_streaming_window_batches_give_same_generation(reference_model, cases):
     case = cases["cases"][1]  # 4500 tokens -> 3 windows
     ctx, prompt = torch.tensor([case["context_ids"]]), torch.tensor([case["prompt_ids"]])

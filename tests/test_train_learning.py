@@ -30,7 +30,7 @@ V = 16  # ids 1..15 are drawn; 0 never appears
 W, RATIO = 16, 4
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 400 steps
 
 
 @torch.no_grad()
