@@ -79,6 +79,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _fast_tests_on_one_thread(request):
+    """Tests not marked slow use tiny models: one thread each (on this 2-core box
+    the fast lane took 86 s of CPU with two threads, 32 s with one). Slow tests
+    run real backbones and keep every thread."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     """The vendored reference fixture; it is part of the repository, so a missing
