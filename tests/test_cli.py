@@ -153,6 +153,7 @@ def test_cli_table_is_the_python_api():
 
 
 # ------------------------------------------------ reliability audit (issue 12)
+@pytest.mark.slow  # several `rcc` processes, each importing torch
 def test_unwritable_output_is_refused_before_anything_is_loaded(tmp_path):
     """Defect 2: found only after the whole compression, then a traceback. The model
     path does not exist, so any message but the output's proves the order."""
@@ -181,6 +182,7 @@ BAD_OPTIONS = [
 ]
 
 
+@pytest.mark.slow  # several `rcc` processes, each importing torch
 def test_bad_generation_options_are_refused_before_the_model_loads(tmp_path, capsys):
     """Defect 3: tracebacks after the model had loaded. The model path does not exist,
     so any other message proves the order. Two cases go through a real process; the
@@ -206,6 +208,7 @@ def test_eval_checks_the_shared_options_too(tmp_path, capsys):
     assert "--max-new-tokens 0: must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several `rcc` processes, each importing torch
 def test_info_says_a_memory_file_is_damaged(ours, tmp_path):
     """Defect 5: `rcc info` on a truncated file exited 0 with normal metadata (and
     defect 4 through the CLI: a changed num_slots was accepted)."""
@@ -222,6 +225,7 @@ def test_info_says_a_memory_file_is_damaged(ours, tmp_path):
     assert_user_error(rcc("ask", "--model", ours, "--memory", changed, "-q", "x"), "checksum")
 
 
+@pytest.mark.slow  # several `rcc` processes, each importing torch
 def test_compress_announces_the_file_size_and_stores_bfloat16(ours, tmp_path):
     """The audit's last paragraph: the size before writing; bf16/fp16 storage."""
     from rcc.memory import format_bytes
@@ -286,6 +290,7 @@ def short_positions(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # several `rcc` processes, each importing torch
 def test_the_rotary_warning_is_given_once_about_positions_used(short_positions, tmp_path):
     """Defect 8: the warning printed twice and counted the unused max_new_tokens budget."""
     import re

@@ -178,6 +178,7 @@ def writer(target):
     return proc, proc.stdout.readline().strip()
 
 
+@pytest.mark.slow  # a child process killed mid-write (4 s CPU)
 def test_a_killed_writers_part_is_removed_by_the_next_save(memory, tmp_path):
     """Defect 6: kill -9 during save left a hidden .NAME.*.part of up to full size, forever."""
     target = tmp_path / "doc.rcc"

@@ -165,6 +165,7 @@ def test_no_module_unpickles():
 
 
 # ------------------------------------------------------------- model_type
+@pytest.mark.slow  # an `rcc` process
 def test_an_unknown_model_type_is_one_line_in_the_api_and_the_cli(tmp_path, capsys):
     from tests.conftest import tiny_rcc
 
