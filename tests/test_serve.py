@@ -38,6 +38,7 @@ def ask(url, cid, question=QUESTION, **kw):
     return request(f"{url}/v1/contexts/{cid}/ask", {"question": question, **kw}, "POST")
 
 
+@pytest.mark.slow  # a server process (16 s)
 def test_contexts_questions_stream_and_openai_client_answer_as_rcc_ask(tiny, tmp_path, one_thread):
     from openai import OpenAI
 
@@ -111,6 +112,7 @@ def test_contexts_questions_stream_and_openai_client_answer_as_rcc_ask(tiny, tmp
         assert not list((tmp_path / "store").glob("*.rcc"))
 
 
+@pytest.mark.slow  # a server process (10 s)
 def test_errors_have_their_status_and_a_message(tiny, tmp_path):
     from openai import AuthenticationError, OpenAI
 
@@ -205,6 +207,7 @@ def test_errors_have_their_status_and_a_message(tiny, tmp_path):
         assert re.search(r"rcc_rejected_queue_full_total [1-9]", metrics)
 
 
+@pytest.mark.slow  # `rcc serve` processes (8 s)
 def test_bad_server_options_are_one_line_errors(tmp_path):
     for args, words in ((["--api-key-file", tmp_path / "missing"], "--api-key-file"),
                         (["--max-batch", 0], "--max-batch must be positive")):
@@ -213,6 +216,7 @@ def test_bad_server_options_are_one_line_errors(tmp_path):
         assert words in res.stderr.strip().splitlines()[-1], res.stderr
 
 
+@pytest.mark.slow  # a server process (9 s)
 def test_concurrent_clients_on_two_contexts_are_batched_and_answer_alike(tiny, tmp_path):
     n_clients = 16
     with Server(tiny, tmp_path / "store", "--max-batch", 16) as srv:
@@ -249,6 +253,7 @@ def test_concurrent_clients_on_two_contexts_are_batched_and_answer_alike(tiny, t
         assert questions_run == n_clients and calls < n_clients, (questions_run, calls)
 
 
+@pytest.mark.slow  # server processes killed and restarted (23 s)
 def test_kill9_during_compression_and_during_a_question(tiny, tmp_path):
     store = tmp_path / "store"
     big = tmp_path / "big.txt"

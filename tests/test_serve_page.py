@@ -99,6 +99,7 @@ def tiny(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a server and a browser (13 s)
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
 @pytest.mark.parametrize("which", ["tiny", pytest.param("bundled", marks=pytest.mark.slow)])
 def test_page_uploads_asks_and_streams_the_answer(which, tiny, tmp_path):

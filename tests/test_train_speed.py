@@ -129,6 +129,7 @@ needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
                               reason="torch.compile on CPU needs a C compiler (cc)")
 
 
+@pytest.mark.slow  # torch.compile (12 s)
 @needs_cc
 def test_compiled_layers_give_the_eager_loss_and_gradients_with_hooks_firing(tokens, tmp_path):
     batch = a_batch(tokens)
@@ -199,6 +200,7 @@ def test_fsdp_wraps_the_backbones_own_layer_class_when_the_config_leaves_it_unse
         _wrap_by_layer_class(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=wrong)), model)
 
 
+@pytest.mark.slow  # two processes (22 s)
 def test_two_cpu_processes_under_fsdp2_train_and_save_like_one_with_gradient_accumulation(tokens, tmp_path):
     """accelerate 1.15 runs an FSDP config as DDP on a CPU (no FSDP there), so this drives torch's
     fully_shard directly on gloo: every decoder layer of both backbones sharded, two steps, the
