@@ -8,7 +8,8 @@ Ctrl-C during those imports with one line.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from ._version import __version__
+
 _WHERE = {
     "DEFAULT_MODEL": ".bundled",
     "RCCConfig": ".config",

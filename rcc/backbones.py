@@ -77,6 +77,12 @@ def embedded_smollm2(dtype: torch.dtype = torch.float32, fresh: bool = True):
     return (copy.deepcopy(model) if fresh else model), tok
 
 
+def clear_embedded_cache() -> None:
+    """Free the parsed GGUF weights :func:`embedded_smollm2` keeps for later loads
+    (a process that loads once, such as a benchmark point, does not need them)."""
+    _EMBEDDED_CACHE.clear()
+
+
 def load_backbone(source: str, dtype: torch.dtype | None = None):
     """A causal LM and its tokenizer from ``"embedded:smollm2"``, a local folder or a hub id.
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .config import RCCConfig
 from .errors import RCCError
-from .eval.config import parse_lengths
+from .io import parse_lengths, render_table, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,9 @@ def context_ids(tokenizer, length: int, vocab_size: int, seed: int = 0):
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(1, vocab_size, (1, length), generator=g)
-    from .eval.passkey import FILLER
+    from .haystack import PASSKEY_FILLER
 
-    unit = tokenizer("".join(FILLER) * 4, add_special_tokens=False)["input_ids"]
+    unit = tokenizer("".join(PASSKEY_FILLER) * 4, add_special_tokens=False)["input_ids"]
     return torch.tensor([(unit * (length // len(unit) + 1))[:length]])
 
 
@@ -269,7 +269,7 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
 
 
 def _child(spec: dict) -> dict:
-    from .checkpoint import load_model
+    from .loading import load_model
     import torch
 
     from transformers.utils import logging as hf_logging
@@ -280,9 +280,9 @@ def _child(spec: dict) -> dict:
                        device=spec["device"], window=spec["window"], ratio=spec["ratio"])
     # the embedded loader keeps a parsed copy of the GGUF weights for later loads; this
     # process loads once, so free it: it is a loader cache, not memory RCC needs
-    from . import backbones
+    from .backbones import clear_embedded_cache
 
-    backbones._EMBEDDED_CACHE.clear()
+    clear_embedded_cache()
     return measure(model, spec["kind"], spec["length"], spec["new_tokens"], spec["window_batch_size"],
                    spec["seed"], free_encoder=True)
 
@@ -356,8 +356,6 @@ def run_bench(cfg: BenchConfig, output: str | Path | None = None, progress=None,
     Returns:
         ``{"config", "model", "device", "memory_measure", "machine", "points", "summary", ...}``.
     """
-    from .eval.runner import versions, write_json
-
     if not isolate and model is None:
         raise RCCError("run_bench(isolate=False) needs the loaded model")
     points = []
@@ -404,8 +402,6 @@ def _point_line(p: dict) -> str:
 
 def format_table(result: dict) -> str:
     """The points as a table, then each kind's memory slope."""
-    from .eval.runner import render_table
-
     header = ["tokens", "model", "peak MiB", "after load MiB", "growth MiB", "KV positions", "compress s",
               "TTFT s", "decode tok/s"]
     rows = []
@@ -424,6 +420,45 @@ def format_table(result: dict) -> str:
     if "slope_ratio" in s:
         text += f"\nbackbone slope / RCC slope: {s['slope_ratio']}x (over {', '.join(map(str, s['common_lengths']))} tokens)"
     return text
+
+
+def add_arguments(p) -> None:
+    """``rcc bench``'s options: the fields of :class:`BenchConfig` and :func:`run_bench`'s output."""
+    from .loading import add_model_arguments
+
+    # one window at a time: the memory floor (spec section 4)
+    add_model_arguments(p, window_batch_size=1, batch_help="windows encoded per step (default 1: the memory floor)")
+    p.add_argument("--lengths", default="2k,4k,8k,16k,32k", help="context lengths (default 2k,4k,8k,16k,32k)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    p.add_argument("--kinds", default="rcc,backbone", help="what to measure (default rcc,backbone)")
+    p.add_argument("--backbone-max-length", help="skip the uncompressed backbone above this length, e.g. 32k")
+    p.add_argument("--timeout", type=float, help="seconds per measurement before it counts as failed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="runs/bench.json", help="JSON result file (default runs/bench.json)")
+    p.add_argument("--plot", help="PNG file (default: beside the JSON)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+def command(args, device: str, dtype: str) -> int:
+    """``rcc bench``: measure RCC against its uncompressed backbone (memory, compression time, TTFT,
+    decode speed) on ``device`` in ``dtype`` (e.g. ``"cpu"``, ``"float32"``); write JSON (+ PNG), print a table."""
+    from .bundled import resolve_bundled
+    from .eval.plot import bench_memory
+
+    if not args.base_model:  # fail here, not once per measurement in the child processes
+        resolve_bundled(args.model)
+    cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtype=dtype,
+                      window=args.window, ratio=args.ratio, window_batch_size=args.window_batch_size,
+                      new_tokens=args.new_tokens, kinds=args.kinds.split(","),
+                      backbone_max_length=args.backbone_max_length, seed=args.seed, timeout_s=args.timeout)
+    output = Path(args.output)
+    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
+    result = run_bench(cfg, output=output, progress=say)
+    print(format_table(result))
+    print(f"rcc: wrote {output}", file=sys.stderr)
+    if not args.no_plot and any(p.get("ok") for p in result["points"]):
+        print(f"rcc: wrote {bench_memory(result, args.plot or output.with_suffix('.png'))}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

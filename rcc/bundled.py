@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import CONFIG_FILE
 from .errors import RCCError
 
 DEFAULT_MODEL = "rcc-smollm2-135m"
@@ -24,14 +25,12 @@ def resolve_bundled(spec: str, models_dir: str | Path | None = None) -> str:
     Raises:
         RCCError: when ``spec`` names a bundled model whose weights this install lacks.
     """
-    from .checkpoint import CONFIG_NAME
-
     if str(spec) not in BUNDLED_MODELS:
         return spec
     folder = Path(models_dir or MODELS_DIR) / str(spec)
-    if not (folder / CONFIG_NAME).is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise RCCError(
-            f"{spec}: the bundled model's weights are missing from this install (no {folder / CONFIG_NAME}); "
+            f"{spec}: the bundled model's weights are missing from this install (no {folder / CONFIG_FILE}); "
             "pass --model, e.g. --model embedded:smollm2 for an untrained model"
         )
     return str(folder)

@@ -1,11 +1,19 @@
 """Checkpoint formats: ours (``rcc_config.json`` + ``model.safetensors``) and
-the authors' released layout (spec section 5)."""
+the authors' released layout (spec section 5).
+
+Reading returns the parts of a model (:class:`Parts`: backbones, config,
+tokenizer, the G and A_i weights); :meth:`rcc.RCCModel.from_parts` assembles
+them. This module never imports :mod:`rcc.model`: the model reads checkpoints,
+not the reverse (:func:`save_pretrained` takes any object with the model's
+attributes).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,16 +22,48 @@ from safetensors import SafetensorError, safe_open
 from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
 from .backbones import load_backbone, model_from_config, resolve_local_or_hub
 from .bundled import resolve_bundled
-from .config import RCCConfig
+from .config import CONFIG_FILE, RCCConfig
 from .errors import RCCError
-from .memory import atomic_save_file, atomic_write_text
+from .io import atomic_save_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "rcc_config.json"
+CONFIG_NAME = CONFIG_FILE
 WEIGHTS_NAME = "model.safetensors"
 _IGNORABLE_BUFFERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 _HEADS = ("embed_out.weight", "lm_head.weight")
+
+
+@dataclass
+class Parts:
+    """A checkpoint read from disk, before :meth:`rcc.RCCModel.from_parts` assembles it.
+
+    Attributes:
+        encoder, decoder: the backbones (causal LMs) with their weights loaded.
+        config: the model's :class:`RCCConfig`.
+        tokenizer: the tokenizer found with the checkpoint, or None.
+        glue: the projections' weights, ``G.weight [H_D, H_E]`` and
+            ``A.{i}.weight [H_D, H_E]`` per decoder layer.
+        dtype: the dtype the model is cast to once assembled (None: as built).
+        source: what was read (for error messages).
+    """
+
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    config: RCCConfig
+    tokenizer: object | None
+    glue: dict[str, torch.Tensor]
+    dtype: torch.dtype | None
+    source: str
+
+
+def load_glue(model, glue: dict[str, torch.Tensor], what: str) -> None:
+    """Load G and A_i of ``model`` (an :class:`~rcc.RCCModel`) from ``glue``, strictly.
+
+    Raises:
+        RCCError: on missing, unexpected or mis-shaped weights.
+    """
+    _load_strict(torch.nn.ModuleDict({"G": model.G, "A": model.A}), glue, what)
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -72,8 +112,8 @@ def _drop_buffers(state: dict[str, torch.Tensor], module: torch.nn.Module) -> di
     return {k: v for k, v in state.items() if k in own or not k.endswith(_IGNORABLE_BUFFERS)}
 
 
-def load_original(weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None):
-    """Load the authors' released RCC checkpoint (spec section 5).
+def read_original(weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None) -> Parts:
+    """Read the authors' released RCC checkpoint (spec section 5); see :meth:`rcc.RCCModel.from_original`.
 
     Args:
         weights: a folder of safetensors files, one file, or a hub id
@@ -86,8 +126,6 @@ def load_original(weights: str, base_model, dtype: torch.dtype | None = None, to
         RCCError: on missing or unexpected keys, unreadable files, or an unknown source.
     """
     from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
-
-    from .model import RCCModel
 
     if isinstance(base_model, PretrainedConfig):
         cfg = base_model.to_dict()
@@ -129,10 +167,7 @@ def load_original(weights: str, base_model, dtype: torch.dtype | None = None, to
     _load_strict(encoder, _drop_buffers(_fix_head_name(enc_state, encoder), encoder), f"{weights} (encoder)")
     _load_strict(decoder, _drop_buffers(_fix_head_name(dec_state, decoder), decoder), f"{weights} (decoder)")
     config = RCCConfig(encoder_config=cfg, decoder_config=cfg, trained=True)
-    model = RCCModel(encoder, decoder, config, tokenizer=tokenizer)
-    glue_module = torch.nn.ModuleDict({"G": model.G, "A": model.A})
-    _load_strict(glue_module, {k: v.to(dtype) for k, v in glue.items()}, f"{weights} (G and A_i)")
-    return model.to(dtype).eval()
+    return Parts(encoder, decoder, config, tokenizer, {k: v.to(dtype) for k, v in glue.items()}, dtype, str(weights))
 
 
 def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
@@ -178,17 +213,16 @@ def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
 
 
-def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None):
-    """Load a model saved by :func:`save_pretrained` from a folder, hub id or
-    bundled model name (``rcc-smollm2-135m``, see :mod:`rcc.bundled`).
+def read_pretrained(name_or_path: str, dtype: torch.dtype | None = None) -> Parts:
+    """Read a model saved by :func:`save_pretrained` from a folder, hub id or
+    bundled model name (``rcc-smollm2-135m``, see :mod:`rcc.bundled`); see
+    :meth:`rcc.RCCModel.from_pretrained`.
 
     Raises:
         RCCError: when the folder is not an RCC checkpoint, files are corrupt or
             mismatched, or a bundled model's weights are missing.
     """
     from transformers import AutoTokenizer
-
-    from .model import RCCModel
 
     root = resolve_local_or_hub(resolve_bundled(name_or_path))
     if not (root / CONFIG_NAME).is_file():
@@ -232,54 +266,5 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
         decoder = model_from_config(config.decoder_config, dtype, f"{root / CONFIG_NAME} (decoder_config)")
         _load_strict(encoder, {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}, f"{weights} (encoder)")
         _load_strict(decoder, {k[8:]: v for k, v in state.items() if k.startswith("decoder.")}, f"{weights} (decoder)")
-    model = RCCModel(encoder, decoder, config, tokenizer=tokenizer)
     glue = {k: v for k, v in state.items() if k.startswith(("G.", "A."))}
-    _load_strict(torch.nn.ModuleDict({"G": model.G, "A": model.A}), glue, f"{weights} (G and A_i)")
-    if dtype is not None:
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | None = None,
-               device=None, window: int = RCCConfig.window, ratio: int = RCCConfig.ratio):
-    """Resolve what a user means by a model name (CLI ``--model``, server).
-
-    - ``base_model`` given: ``spec`` is the authors' released layout (spec section 5);
-    - ``"rcc-smollm2-135m"`` (:data:`rcc.bundled.DEFAULT_MODEL`): the model shipped in the package;
-    - a folder or hub repo with ``rcc_config.json``: our format;
-    - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
-      untrained RCC model over two copies of that backbone (``window``, ``ratio``).
-
-    Raises:
-        RCCError: when nothing loadable is found, or the bundled model's weights are missing.
-    """
-    from .backbones import EMBEDDED
-    from .model import RCCModel
-
-    if base_model:
-        model = load_original(spec, base_model=base_model, dtype=dtype)
-    elif spec == EMBEDDED:
-        encoder, tok = load_backbone(spec, dtype)
-        decoder, _ = load_backbone(spec, dtype)
-        model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
-                                        encoder_source=spec, decoder_source=spec)
-    else:
-        root = resolve_local_or_hub(resolve_bundled(spec),
-                                    allow_patterns=["*.json", "*.safetensors", "tokenizer/*", "*.model", "*.txt"])
-        if (root / CONFIG_NAME).is_file():
-            model = load_pretrained(str(root), dtype=dtype)
-        elif (root / "config.json").is_file():
-            encoder, tok = load_backbone(str(root), dtype)
-            decoder, _ = load_backbone(str(root), dtype)
-            model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
-                                            encoder_source=spec, decoder_source=spec)
-        else:
-            raise RCCError(
-                f"{spec}: neither an rcc-llm checkpoint ({CONFIG_NAME}) nor a transformers model "
-                "(config.json); for the authors' released weights add --base-model"
-            )
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return Parts(encoder, decoder, config, tokenizer, glue, dtype, str(weights))

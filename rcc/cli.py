@@ -1,31 +1,38 @@
 """``rcc``: a thin command line over the Python API.
 
 Each command is a plain function taking parsed arguments; ``COMMANDS`` maps
-names to (function, argument builder). User mistakes (:class:`RCCError`, bad
+names to (function, argument builder, help, the Python API it calls). Options
+of the commands that are features of their own (eval, bench, synth,
+prepare-data) are defined in their module (``add_arguments``). User mistakes (:class:`RCCError`, bad
 files) print one line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
-import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-from .config import RCCConfig
 from .errors import RCCError
-from .serve.command import cmd_serve, serve_args
+from .io import peak_memory_mib, read_text
+from .loading import DTYPES  # noqa: F401  (its old home)
 
 log = logging.getLogger("rcc")
 
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-
 
 # ---------------------------------------------------------------- helpers
+def _lazy(target: str) -> Callable:
+    """``"module:function"``, imported when first called (the parser stays quick to build)."""
+    module, _, name = target.partition(":")
+    return lambda *args: getattr(importlib.import_module(module), name)(*args)
+
+
 def _dtype(name: str, device: str):
     import torch
 
@@ -64,41 +71,8 @@ def _device(name: str) -> str:
     return name
 
 
-def read_text(path: str) -> str:
-    """Read a UTF-8 text file, or standard input for ``-``.
-
-    Raises:
-        RCCError: when missing, not UTF-8, or empty.
-    """
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except FileNotFoundError:
-        raise RCCError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise RCCError(f"{path}: is a folder, give a text file") from None
-    except OSError as err:
-        raise RCCError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        name = "standard input" if path == "-" else path
-        raise RCCError(f"{name}: not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8 first") from None
-    if not text.strip():
-        raise RCCError(f"{'standard input' if path == '-' else path}: the context is empty; give some text to compress")
-    return text
-
-
-def peak_memory_mib(device: str) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _load(args):
-    from .checkpoint import load_model
+    from .loading import load_model
 
     device = _device(args.device)
     model = load_model(args.model, base_model=args.base_model, dtype=_dtype(args.dtype, device),
@@ -198,8 +172,8 @@ def cmd_ask(args) -> int:
     """Answer a question about a context (text file, stdin, or a saved memory)."""
     import torch
 
+    from .ask import ask
     from .memory import CompressedContext
-    from .prompts import ask, build, default_mode
 
     if (args.context is None) == (args.memory is None):
         raise RCCError("give exactly one of --context FILE|- and --memory FILE.rcc")
@@ -207,31 +181,20 @@ def cmd_ask(args) -> int:
         raise RCCError("--question is empty")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    context = read_text(args.context) if args.context is not None else None
-    memory = CompressedContext.load(args.memory) if args.memory else None
+    context = read_text(args.context) if args.context is not None else CompressedContext.load(args.memory)
     model, device = _load(args)
-    mode = args.mode or ("manual" if args.memory else default_mode(model))
     if model.tokenizer is None:
         raise RCCError(f"{args.model} has no tokenizer; pass --base-model with a tokenizer")
-    tok = model.tokenizer
-    if memory is not None:
-        model.check_memory(memory)
-        if mode == "reconstruct":  # the question is compressed too: its windows extend the memory
-            q_ids = tok("\n\n" + args.question, add_special_tokens=False, return_tensors="pt").input_ids
-            memory = _compress(model, device, q_ids, args.window_batch_size, prefix=memory, quiet=args.quiet)
-    else:
-        text, _ = build(context, args.question, mode)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-        memory = _compress(model, device, ids, args.window_batch_size, quiet=args.quiet)
     opts = _generation_options(args)
     if args.stream:
         from transformers import TextStreamer
 
-        opts["streamer"] = TextStreamer(tok, skip_prompt=True)
-    answer = ask(model, context or "", args.question, mode=mode, memory=memory, **opts)
+        opts["streamer"] = TextStreamer(model.tokenizer, skip_prompt=True)
+    answer = ask(model, context, args.question, mode=args.mode, **opts,
+                 compress=lambda ids, prefix: _compress(model, device, ids, args.window_batch_size, prefix, args.quiet))
     if args.json:
         print(json.dumps({"answer": answer.answer, "reconstructed_question": answer.reconstructed_question,
-                          "mode": mode, "slots": memory.num_slots}))
+                          "mode": answer.mode, "slots": answer.num_slots}))
     elif not args.stream:
         if answer.reconstructed_question is not None and not args.quiet:
             print(f"question (reconstructed): {answer.reconstructed_question}", file=sys.stderr)
@@ -319,128 +282,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_prepare_data(args) -> int:
-    """Tokenize text / JSONL / a Hugging Face dataset into a memory-mapped token folder."""
-    from .data import load_tokenizer, prepare_data
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    meta = prepare_data(args.inputs, args.output, tokenizer, text_field=args.text_field,
-                        eval_fraction=args.eval_fraction, min_tokens=args.min_tokens, on_error=args.on_error,
-                        on_short=args.on_short, append_eos=not args.no_eos, seed=args.seed,
-                        overwrite=args.overwrite, progress=not args.quiet, max_tokens=args.max_tokens)
-    splits = ", ".join(f"{k} {v['docs']} documents / {v['tokens']} tokens" for k, v in meta["splits"].items())
-    print(f"rcc: wrote {args.output} ({meta['dtype']}): {splits}", file=sys.stderr)
-    report = meta["report"]
-    for reason, n in report["skipped"].items():
-        shown = "; ".join(report["skipped_examples"][reason][:3])
-        print(f"rcc: skipped {n} {reason}: {shown}{' ...' if n > 3 else ''}", file=sys.stderr)
-    return 0
-
-
-def cmd_synth(args) -> int:
-    """Write synthetic pass-key / needle / extract records built from prose."""
-    from .data import load_tokenizer
-    from .eval.config import parse_length
-    from .synth import make_records, parse_weights, read_prose, write_records
-
-    weights = parse_weights(args.kinds)
-    low, high = parse_length(args.min_tokens), parse_length(args.max_tokens)
-    if not 0 < low <= high:
-        raise RCCError(f"--min-tokens ({low}) must be positive and at most --max-tokens ({high})")
-    if args.count <= 0:
-        raise RCCError(f"--count must be positive; got {args.count}")
-    sentences = read_prose(args.inputs)
-    tokenizer = load_tokenizer(args.tokenizer)
-    n = write_records(args.output, make_records(sentences, tokenizer, count=args.count, weights=weights,
-                                                min_tokens=low, max_tokens=high, seed=args.seed))
-    print(f"rcc: wrote {n} records to {args.output}", file=sys.stderr)
-    return 0
-
-
-def _eval_config(args):
-    from .eval import EvalConfig
-
-    task_defaults = {"max_new_tokens": None, "haystack": None, "needle": None, "question": None, "answer": None,
-                     "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None}
-    opts = {k: getattr(args, k, v) for k, v in task_defaults.items()}
-    baselines = ["full", "recent", "kvpress"] if args.baseline else (args.baselines or "")
-    return EvalConfig(task=args.task, lengths=getattr(args, "lengths", "4k"), depths=getattr(args, "depths", "0"),
-                      modes=getattr(args, "modes", "reconstruct,manual"), samples=getattr(args, "samples", 1),
-                      seed=args.seed, baselines=baselines, kvpress_press=args.kvpress_press,
-                      window_batch_size=args.window_batch_size, **opts)
-
-
-def cmd_eval(args) -> int:
-    """Run an evaluation task on RCC (and, with --baseline, the baselines); write JSON (+ PNG), print a table."""
-    from .eval import format_table, run_eval
-    from .eval.plot import plot_result
-
-    cfg = _eval_config(args)  # validate before the (slow) model load
-    model, _device_name = _load(args)
-    output = Path(args.output or f"runs/eval-{args.task}.json")
-    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
-    result = run_eval(model, cfg, output=output, model_spec=args.model, progress=say)
-    print(format_table(result))
-    print(f"rcc: wrote {output}", file=sys.stderr)
-    if not args.no_plot:
-        png = plot_result(result, args.plot or output.with_suffix(".png"))
-        if png is not None:
-            print(f"rcc: wrote {png}", file=sys.stderr)
-    return 0
-
-
 def cmd_bench(args) -> int:
     """Measure RCC against its uncompressed backbone: memory, compression time, TTFT, decode speed."""
-    from .bench import BenchConfig, format_table, run_bench
-    from .bundled import resolve_bundled
-    from .eval.plot import bench_memory
+    from .bench import command
 
     device = _device(args.device)
-    if not args.base_model:  # fail here, not once per measurement in the child processes
-        resolve_bundled(args.model)
-    dtype = str(_dtype(args.dtype, device)).replace("torch.", "")
-    cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtype=dtype,
-                      window=args.window, ratio=args.ratio, window_batch_size=args.window_batch_size,
-                      new_tokens=args.new_tokens, kinds=args.kinds.split(","),
-                      backbone_max_length=args.backbone_max_length, seed=args.seed, timeout_s=args.timeout)
-    output = Path(args.output)
-    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
-    result = run_bench(cfg, output=output, progress=say)
-    print(format_table(result))
-    print(f"rcc: wrote {output}", file=sys.stderr)
-    if not args.no_plot and any(p.get("ok") for p in result["points"]):
-        print(f"rcc: wrote {bench_memory(result, args.plot or output.with_suffix('.png'))}", file=sys.stderr)
-    return 0
-
-
-def cmd_bench_train(args) -> int:
-    from .bench_train import cmd
-
-    return cmd(args)
-
-
-def _bench_train_args(p: argparse.ArgumentParser) -> None:
-    from .bench_train import add_args  # imports no torch
-
-    add_args(p)
+    return command(args, device, str(_dtype(args.dtype, device)).replace("torch.", ""))
 
 
 # ------------------------------------------------------------------ parser
-def _model_args(p: argparse.ArgumentParser) -> None:
-    from .bundled import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"the bundled {DEFAULT_MODEL} (default), our checkpoint folder or hub id, the released "
-                        "layout (with --base-model), 'embedded:smollm2' or a transformers backbone (fresh, untrained)")
-    p.add_argument("--base-model", help="config (and tokenizer) of the released layout, e.g. EleutherAI/pythia-1.4b")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--window", type=int, default=RCCConfig.window,
-                   help=f"window of a fresh model (default {RCCConfig.window})")
-    p.add_argument("--ratio", type=int, default=RCCConfig.ratio,
-                   help=f"ratio of a fresh model (default {RCCConfig.ratio})")
-    p.add_argument("--window-batch-size", type=int, default=8, help="windows encoded per step (default 8)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+_model_args = _lazy("rcc.loading:add_model_arguments")
 
 
 def _ask_args(p: argparse.ArgumentParser) -> None:
@@ -485,110 +336,53 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
-def _prepare_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+",
-                   help=".txt files (one document each), .jsonl/.json files, folders of them, a saved dataset "
-                        "folder, or hf:NAME[:CONFIG][@SPLIT]")
-    p.add_argument("-o", "--output", required=True, help="folder to write (train.bin/.idx, eval.bin/.idx, meta.json)")
-    p.add_argument("--tokenizer", required=True, help="hub id, folder or embedded:smollm2 (the model's tokenizer)")
-    p.add_argument("--text-field", default="text", help="field holding the text in JSON records (default text)")
-    p.add_argument("--eval-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
-    p.add_argument("--min-tokens", type=int, default=2048,
-                   help="skip documents with fewer tokens, e.g. one window (default 2048)")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="malformed records: stop with file:line (default) or skip and count them")
-    p.add_argument("--on-short", choices=("skip", "fail"), default="skip",
-                   help="documents under --min-tokens: skip and count them (default) or stop with file:line")
-    p.add_argument("--no-eos", action="store_true", help="do not append the EOS token to each document")
-    p.add_argument("--max-tokens", type=int, help="stop after about this many tokens (a slice of a large corpus)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--overwrite", action="store_true", help="replace prepared data in --output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+class Command(NamedTuple):
+    """A subcommand: ``run(args) -> exit status``, ``add_args(parser)``, its help, and the
+    public Python API it calls (``"module:name"``), whose parameters its options are
+    (``aliases``: option -> parameter where the names differ; tests/test_cli.py checks)."""
+
+    run: Callable
+    add_args: Callable
+    help: str
+    api: tuple[str, ...]
+    aliases: dict[str, str] = {}
 
 
-def _eval_common(p: argparse.ArgumentParser, lengths: str | None, modes: bool = True) -> None:
-    _model_args(p)
-    if lengths:
-        p.add_argument("--lengths", default=lengths, help=f"context lengths in tokens, k/m suffixes (default {lengths})")
-        p.add_argument("--samples", type=int, default=1, help="samples per length (and depth) (default 1)")
-    if modes:
-        p.add_argument("--modes", default="reconstruct,manual", help="RCC instruction modes (default both)")
-        p.add_argument("--max-new-tokens", type=int, help="the answer's token budget (default: the task's)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also run the baselines full, recent and kvpress on the same samples")
-    p.add_argument("--baselines", help="a subset of the baselines, e.g. full,recent")
-    p.add_argument("--kvpress-press", default="KnormPress", help="kvpress press for the kvpress baseline")
-    p.add_argument("--seed", type=int, default=0, help="seed of keys, offsets and spans (default 0)")
-    p.add_argument("-o", "--output", help="JSON result file (default runs/eval-TASK.json)")
-    p.add_argument("--plot", help="PNG file (default: beside the JSON)")
-    p.add_argument("--no-plot", action="store_true", help="write no PNG")
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    depths = ("--depths", "0,0.25,0.5,0.75,1")
-    t = sub.add_parser("passkey", help="pass-key retrieval at context lengths x depths")
-    _eval_common(t, "4k")
-    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
-    t = sub.add_parser("needle", help="a needle sentence hidden in your own haystack text")
-    _eval_common(t, "4k")
-    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
-    t.add_argument("--haystack", required=True, help="UTF-8 text file to hide the needle in")
-    t.add_argument("--needle", required=True, help="the sentence to hide, e.g. 'The secret number is 42.'")
-    t.add_argument("--question", required=True, help="the question about it")
-    t.add_argument("--answer", required=True, help="the expected answer")
-    t = sub.add_parser("reconstruct", help="reproduce compressed held-out text: BLEU-4 and exact prefix")
-    _eval_common(t, "1k,4k", modes=False)
-    t.add_argument("--text", required=True, help="UTF-8 held-out text file")
-    t.add_argument("--cue-tokens", type=int, default=16, help="tokens of the span given as the cue (default 16)")
-    t.add_argument("--target-tokens", type=int, default=64, help="tokens to reproduce after the cue (default 64)")
-    t = sub.add_parser("qa", help="questions from a JSONL file (PwC fields input, prompt, answer)")
-    _eval_common(t, None)
-    t.add_argument("--data", required=True, help="JSONL file with input, prompt, answer")
-    t.add_argument("--limit", type=int, help="only the first N samples")
-
-
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
-    for action in p._actions:  # one window at a time: the memory floor (spec section 4)
-        if action.dest == "window_batch_size":
-            action.default, action.help = 1, "windows encoded per step (default 1: the memory floor)"
-    p.add_argument("--lengths", default="2k,4k,8k,16k,32k", help="context lengths (default 2k,4k,8k,16k,32k)")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
-    p.add_argument("--kinds", default="rcc,backbone", help="what to measure (default rcc,backbone)")
-    p.add_argument("--backbone-max-length", help="skip the uncompressed backbone above this length, e.g. 32k")
-    p.add_argument("--timeout", type=float, help="seconds per measurement before it counts as failed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", default="runs/bench.json", help="JSON result file (default runs/bench.json)")
-    p.add_argument("--plot", help="PNG file (default: beside the JSON)")
-    p.add_argument("--no-plot", action="store_true", help="write no PNG")
-
-
-def _synth_args(p) -> None:
-    p.add_argument("inputs", nargs="+", help="UTF-8 prose: *.txt files or folders of them")
-    p.add_argument("-o", "--output", required=True, help="JSONL file to write (PwC fields: input, prompt, answer)")
-    p.add_argument("--tokenizer", required=True, help="the model's tokenizer (lengths count its tokens)")
-    p.add_argument("--count", type=int, default=1000, help="records to write (default 1000)")
-    p.add_argument("--kinds", default="passkey=0.4,needle=0.35,extract=0.25",
-                   help="share of each kind (default passkey=0.4,needle=0.35,extract=0.25)")
-    p.add_argument("--min-tokens", default="256", help="shortest context, k suffix allowed (default 256)")
-    p.add_argument("--max-tokens", default="8k", help="longest context (default 8k)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
-    "ask": (cmd_ask, _ask_args, "answer a question about a long context"),
-    "compress": (cmd_compress, _compress_args, "compress a context into a reusable memory file"),
-    "info": (cmd_info, _info_args, "show a memory file's metadata"),
-    "train": (cmd_train, _train_args, "train an RCC model (compression pretraining or instruction fine-tuning)"),
-    "prepare-data": (cmd_prepare_data, _prepare_data_args, "tokenize a corpus into a memory-mapped token folder"),
-    "synth": (cmd_synth, _synth_args, "build synthetic pass-key / needle / extract records from prose"),
-    "eval": (cmd_eval, _eval_args, "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines"),
-    "bench": (cmd_bench, _bench_args, "memory and speed of RCC against the uncompressed backbone "
-              "(`rcc bench train CONFIG`: training speed)"),
-    "bench-train": (cmd_bench_train, _bench_train_args,
-                    "training speed of a config: tokens/s, step split, memory, MFU (also `rcc bench train`)"),
-    "serve": (cmd_serve, serve_args, "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)"),
+_MODEL_API, _MODEL_ALIASES = ("rcc.loading:load_model",), {"model": "spec"}
+COMMANDS: dict[str, Command] = {
+    "ask": Command(cmd_ask, _ask_args, "answer a question about a long context",
+                   ("rcc.ask:ask", "transformers:GenerationConfig", "torch:manual_seed", *_MODEL_API),
+                   {**_MODEL_ALIASES, "memory": "context", "stop": "stop_strings"}),
+    "compress": Command(cmd_compress, _compress_args, "compress a context into a reusable memory file",
+                        ("rcc.io:read_text", "rcc.model:RCCModel.compress", "rcc.memory:CompressedContext.save",
+                         *_MODEL_API), {**_MODEL_ALIASES, "context": "path", "output": "path"}),
+    "info": Command(cmd_info, _info_args, "show a memory file's metadata", ("rcc.memory:read_memory_metadata",),
+                    {"memory": "path"}),
+    "train": Command(cmd_train, _train_args, "train an RCC model (compression pretraining or instruction fine-tuning)",
+                     ("rcc.train:train", "rcc.train:print_config")),
+    "prepare-data": Command(_lazy("rcc.data.tokens:command"), _lazy("rcc.data.tokens:add_arguments"),
+                            "tokenize a corpus into a memory-mapped token folder",
+                            ("rcc.data:prepare_data", "rcc.data:load_tokenizer"),
+                            {"tokenizer": "spec", "no_eos": "append_eos", "quiet": "progress"}),
+    "synth": Command(_lazy("rcc.synth:command"), _lazy("rcc.synth:add_arguments"),
+                     "build synthetic pass-key / needle / extract records from prose",
+                     ("rcc.synth:read_prose", "rcc.synth:make_records", "rcc.synth:write_records",
+                      "rcc.data:load_tokenizer"), {"kinds": "weights", "output": "path", "tokenizer": "spec"}),
+    "eval": Command(lambda args: _lazy("rcc.eval.runner:command")(args, _load), _lazy("rcc.eval.config:add_arguments"),
+                    "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines",
+                    ("rcc.eval:run_eval", "rcc.eval:EvalConfig", "rcc.eval.plot:plot_result", *_MODEL_API),
+                    {**_MODEL_ALIASES, "baseline": "baselines", "plot": "path"}),
+    "bench": Command(cmd_bench, _lazy("rcc.bench:add_arguments"),
+                     "memory and speed of RCC against the uncompressed backbone "
+                     "(`rcc bench train CONFIG`: training speed)",
+                     ("rcc.bench:run_bench", "rcc.bench:BenchConfig", "rcc.eval.plot:bench_memory"),
+                     {"timeout": "timeout_s", "plot": "path"}),
+    "bench-train": Command(_lazy("rcc.bench_train:cmd"), _lazy("rcc.bench_train:add_args"),
+                           "training speed of a config: tokens/s, step split, memory, MFU (also `rcc bench train`)",
+                           ("rcc.bench_train:run", "rcc.io:write_json"), {"legacy": "legacy_overrides", "output": "path"}),
+    "serve": Command(_lazy("rcc.serve.command:cmd_serve"), _lazy("rcc.serve.command:serve_args"),
+                     "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)",
+                     ("rcc.serve:ServeConfig",), {"api_key_file": "api_key"}),
 }
 
 
@@ -599,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rcc-llm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_fn, add_args, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    for name, cmd in COMMANDS.items():
+        cmd.add_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
     return parser
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from .errors import RCCError
 
 POOLINGS = ("last", "mean")
+CONFIG_FILE = "rcc_config.json"  # an RCC model folder's config (rcc.checkpoint writes it beside the weights)
 
 
 @dataclass

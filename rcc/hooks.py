@@ -10,6 +10,7 @@ checkpointing see an ordinary function of the layer output).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -42,6 +43,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"cannot find the decoder layers of {type(model).__name__}: tried "
         f"{', '.join('base_model.' + p for p in _LAYER_PATHS)}; this backbone is not supported"
     )
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a causal LM's ``forward`` / ``generate`` takes its KV cache by:
+    transformers renamed ``past_key_values`` to ``cache`` (5.2x); use what this version takes."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def backbone_body(model: nn.Module) -> nn.Module:

@@ -11,23 +11,21 @@ against ``layers`` / ``num_slots`` are checked, their other fields are not cover
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from .errors import RCCError
+from .io import atomic_save_file, atomic_write_text, check_writable, clean_stale_parts  # noqa: F401  (their old home)
 
 FORMAT = "rcc-memory/2"
 FORMAT_V1 = "rcc-memory/1"
@@ -327,102 +325,3 @@ def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise RCCError(f"{path}: memory tensors disagree with each other or with the dtype field "
                        f"({', '.join(sorted(dtypes))} vs {meta.get('dtype')!r}); {_RECOMPRESS}")
     return meta
-
-
-def _umask_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (mkstemp makes owner-only files)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def check_writable(path: str | os.PathLike) -> Path:
-    """Check, before any long work, that a file can be written at ``path`` the way
-    the atomic writers do (a temp file in its folder, created if missing); writes
-    nothing but a probe file it removes at once.
-
-    Raises:
-        RCCError: when ``path`` is a folder, lies under a file, or its folder is not writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise RCCError(f"{path}: is a folder; give a file name, e.g. {path / 'doc.rcc'}")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
-        folder = folder.parent
-    if not folder.is_dir():
-        raise RCCError(f"{path}: cannot write there, {folder} is a file and not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-    except OSError as err:
-        raise RCCError(f"{path}: cannot write in the folder {folder} ({err.strerror or err}); "
-                       "choose another output") from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists but is not ours
-        return True
-    return True
-
-
-def clean_stale_parts(path: Path) -> list[Path]:
-    """Remove the temp files that killed writers of ``path`` left beside it:
-    ``.NAME.PID-XXXXXXXX.part`` whose process is gone, and ``.NAME.XXXXXXXX.part``
-    (the pattern before the PID was recorded). Only this target's own pattern is
-    touched; a live writer's part is kept.
-
-    Returns:
-        the files removed.
-    """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:([0-9]+)-)?[a-z0-9_]{{8}}\.part")
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
-            m = pattern.fullmatch(entry.name)
-            if m is None or not entry.is_file(follow_symlinks=False):
-                continue
-            if m.group(1) is not None and _pid_alive(int(m.group(1))):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[str]:
-    """Yield a temp path in ``path``'s folder; on success it is renamed onto ``path``
-    (with the umask's mode), on failure removed: a crash or a full disk never
-    leaves a partial file at ``path``, and parts a killed writer left are removed
-    by the next write to ``path`` (:func:`clean_stale_parts`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_parts(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, atomically."""
-    with _atomic(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a UTF-8 text file, atomically."""
-    with _atomic(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")

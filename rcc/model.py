@@ -9,7 +9,6 @@ modeling code.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -39,12 +38,6 @@ class RCCOutput:
 
     loss: torch.Tensor | None
     logits: torch.Tensor
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use what this version takes."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _as_batch(ids, name: str) -> torch.Tensor:
@@ -91,7 +84,7 @@ class RCCModel(nn.Module):
         device = next(decoder.parameters()).device
         self.G.to(device=device, dtype=dtype)
         self.A.to(device=device, dtype=dtype)
-        self._cache_kw = _cache_kwarg(decoder)
+        self._cache_kw = hooks.cache_kwarg(decoder)
         self.position_limit = hooks.absolute_position_limit(decoder)
         self._positions_warned = False  # the rotary warning is given once (check_positions)
 
@@ -148,19 +141,43 @@ class RCCModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> "RCCModel":
-        """Load a model saved by :meth:`save_pretrained` (local folder, hub id, or
-        a bundled model's name such as ``rcc-smollm2-135m``)."""
-        from .checkpoint import load_pretrained
+    def from_parts(cls, parts, device=None) -> "RCCModel":
+        """Assemble a model from a checkpoint's :class:`rcc.checkpoint.Parts` (weights
+        of G and A_i loaded strictly, cast to ``parts.dtype``, in eval mode).
 
-        return load_pretrained(name_or_path, **kwargs)
+        Raises:
+            RCCError: when the projections' weights do not fit the backbones.
+        """
+        from .checkpoint import load_glue
+
+        model = cls(parts.encoder, parts.decoder, parts.config, tokenizer=parts.tokenizer)
+        load_glue(model, parts.glue, f"{parts.source} (G and A_i)")
+        if parts.dtype is not None:
+            model.to(parts.dtype)
+        if device is not None:
+            model.to(device)
+        return model.eval()
 
     @classmethod
-    def from_original(cls, weights: str, base_model, dtype: torch.dtype | None = None, **kwargs) -> "RCCModel":
-        """Load the authors' released layout (spec section 5); see :func:`rcc.checkpoint.load_original`."""
-        from .checkpoint import load_original
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None) -> "RCCModel":
+        """Load a model saved by :meth:`save_pretrained` (local folder, hub id, or
+        a bundled model's name such as ``rcc-smollm2-135m``); see :func:`rcc.checkpoint.read_pretrained`.
 
-        return load_original(weights, base_model=base_model, dtype=dtype, **kwargs)
+        Args:
+            dtype: parameter dtype (default: as stored).
+        Raises:
+            RCCError: when it is not an rcc-llm checkpoint, or its files are corrupt or mismatched.
+        """
+        from .checkpoint import read_pretrained
+
+        return cls.from_parts(read_pretrained(name_or_path, dtype=dtype), device=device)
+
+    @classmethod
+    def from_original(cls, weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None) -> "RCCModel":
+        """Load the authors' released layout (spec section 5); see :func:`rcc.checkpoint.read_original`."""
+        from .checkpoint import read_original
+
+        return cls.from_parts(read_original(weights, base_model=base_model, dtype=dtype, tokenizer=tokenizer))
 
     def save_pretrained(self, path: str, include_backbones: bool | None = None) -> None:
         """Write ``rcc_config.json`` + ``model.safetensors`` (+ tokenizer) to ``path``."""
@@ -563,14 +580,16 @@ class RCCModel(nn.Module):
         return out[:, P + m :]
 
     # ------------------------------------------------------------------ ask
-    def ask(self, context_text: str, question: str, mode: str | None = None, **generate_kwargs):
-        """Answer a question about a text with one of the two instruction modes (spec section 2);
-        ``mode=None`` takes the model's own (``config.instruction_mode``, else ``"reconstruct"``).
+    def ask(self, context, question: str, mode: str | None = None, **kwargs):
+        """Answer a question about a text or a saved memory (:class:`CompressedContext`)
+        with one of the two instruction modes (spec section 2); see :func:`rcc.ask.ask`
+        for the options. ``mode=None`` takes the model's own for text
+        (``config.instruction_mode``, else ``"reconstruct"``) and ``"manual"`` for a memory.
 
         Returns:
-            :class:`rcc.prompts.Answer` (``answer`` and, for ``"reconstruct"``,
+            :class:`rcc.ask.Answer` (``answer`` and, for ``"reconstruct"``,
             the ``reconstructed_question``).
         """
-        from .prompts import ask
+        from .ask import ask
 
-        return ask(self, context_text, question, mode=mode, **generate_kwargs)
+        return ask(self, context, question, mode=mode, **kwargs)

@@ -5,7 +5,7 @@ Each record has PwC fields (``input``, ``prompt``, ``answer``; see
 :func:`rcc.data.qa_fields`) plus ``task`` and ``tokens``, so ``rcc train``'s
 ``finetune`` stage reads the file as it is. Kinds:
 
-- ``passkey``: the pass-key prompt of :mod:`rcc.eval.passkey`, with a seeded
+- ``passkey``: the pass-key prompt of :mod:`rcc.haystack` (as ``rcc eval passkey``), with a seeded
   5-digit key, hidden in its filler sentences or (half of the time) in prose;
 - ``needle``: a templated fact with random names and values hidden in prose,
   and the question about it;
@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RCCError
-from .eval import passkey
-from .eval.needle import build_haystack, split_sentences
-from .memory import atomic_write_text
+from . import haystack
+from .haystack import build_haystack, split_sentences
+from .io import atomic_write_text
 
 RECORD_KINDS = ("passkey", "needle", "extract")
 
@@ -115,10 +115,10 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
         instruction = ""
         if kind == "passkey":
             key = str(rng.randint(10000, 99999))
-            needle, question, answer = passkey.NEEDLE.format(key=key), passkey.QUESTION, key
-            instruction = passkey.INSTRUCTION
+            needle, question, answer = haystack.PASSKEY_NEEDLE.format(key=key), haystack.PASSKEY_QUESTION, key
+            instruction = haystack.PASSKEY_INSTRUCTION
             if rng.random() < 0.5:
-                prose = list(passkey.FILLER)
+                prose = list(haystack.PASSKEY_FILLER)
         elif kind == "needle":
             needle, question, answer = _needle(rng)
         else:
@@ -162,3 +162,37 @@ def write_records(path: str | Path, records) -> int:
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     atomic_write_text(Path(path), "\n".join(lines) + "\n")
     return len(lines)
+
+
+def add_arguments(p) -> None:
+    """``rcc synth``'s options: the parameters of :func:`read_prose`, :func:`make_records` and :func:`write_records`."""
+    p.add_argument("inputs", nargs="+", help="UTF-8 prose: *.txt files or folders of them")
+    p.add_argument("-o", "--output", required=True, help="JSONL file to write (PwC fields: input, prompt, answer)")
+    p.add_argument("--tokenizer", required=True, help="the model's tokenizer (lengths count its tokens)")
+    p.add_argument("--count", type=int, default=1000, help="records to write (default 1000)")
+    p.add_argument("--kinds", default="passkey=0.4,needle=0.35,extract=0.25",
+                   help="share of each kind (default passkey=0.4,needle=0.35,extract=0.25)")
+    p.add_argument("--min-tokens", default="256", help="shortest context, k suffix allowed (default 256)")
+    p.add_argument("--max-tokens", default="8k", help="longest context (default 8k)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def command(args) -> int:
+    """Write synthetic pass-key / needle / extract records built from prose."""
+    import sys
+
+    from .data import load_tokenizer
+    from .io import parse_length
+
+    weights = parse_weights(args.kinds)
+    low, high = parse_length(args.min_tokens), parse_length(args.max_tokens)
+    if not 0 < low <= high:
+        raise RCCError(f"--min-tokens ({low}) must be positive and at most --max-tokens ({high})")
+    if args.count <= 0:
+        raise RCCError(f"--count must be positive; got {args.count}")
+    sentences = read_prose(args.inputs)
+    tokenizer = load_tokenizer(args.tokenizer)
+    n = write_records(args.output, make_records(sentences, tokenizer, count=args.count, weights=weights,
+                                                min_tokens=low, max_tokens=high, seed=args.seed))
+    print(f"rcc: wrote {n} records to {args.output}", file=sys.stderr)
+    return 0

@@ -33,7 +33,7 @@ import torch
 from . import adapters
 from .data import FinetuneBatches, PretrainBatches, TokenFile, load_examples, load_tokenizer, split_examples
 from .errors import RCCError
-from .memory import atomic_write_text
+from .io import atomic_write_text
 from .model import RCCModel
 from .train_config import TrainConfig, dotted
 from .train_state import DEEPSPEED_REFUSAL, check_training_state, load_training_state, save_training_state

@@ -6,7 +6,8 @@ import torch
 
 from rcc import DEFAULT_MODEL, RCCError, RCCModel, bundled
 from rcc.bundled import MODELS_DIR, resolve_bundled
-from rcc.checkpoint import CONFIG_NAME, load_model
+from rcc.checkpoint import CONFIG_NAME
+from rcc.loading import load_model
 from rcc.cli import main
 from tests.conftest import tiny_rcc, tiny_tokenizer
 from tests.test_cli import DOC, assert_user_error, rcc

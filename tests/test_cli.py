@@ -144,12 +144,90 @@ def test_window_not_divisible_and_absolute_positions_through_the_cli(tmp_path):
     assert "UNTRAINED" in res.stderr
 
 
-def test_cli_table_is_the_python_api():
-    from rcc.cli import COMMANDS, build_parser
+# options that only shape what the CLI prints
+PRESENTATION = {"json", "quiet", "stream", "no_plot", "print_config"}
 
-    assert {"ask", "compress", "info"} <= set(COMMANDS)
+
+def _options(add_args) -> dict[str, set[str]]:
+    """``{subcommand: option dests}`` that ``add_args`` defines (``{"": ...}`` without
+    subcommands), read from the actions ``add_argument`` returns."""
+    import argparse
+
+    found: dict[str, set[str]] = {}
+
+    def recording(parser, key):
+        add = parser.add_argument
+        parser.add_argument = lambda *a, **k: found.setdefault(key, set()).add(add(*a, **k).dest)
+        subparsers = parser.add_subparsers
+
+        def add_subparsers(**kw):
+            group = subparsers(**kw)
+            add_parser = group.add_parser
+            group.add_parser = lambda name, **k: recording(add_parser(name, **k), name)
+            return group
+
+        parser.add_subparsers = add_subparsers
+        return parser
+
+    add_args(recording(argparse.ArgumentParser(), ""))
+    return found if set(found) == {""} else {k: v for k, v in found.items() if k}
+
+
+def _resolve(target: str):
+    import importlib
+
+    module, _, name = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parameters(obj) -> set[str]:
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name for f in dataclasses.fields(obj)}
+    if inspect.isclass(obj):  # e.g. transformers.GenerationConfig: the attributes an instance has
+        return set(vars(obj()))
+    return set(inspect.signature(obj).parameters) - {"self", "args", "kwargs"}
+
+
+def _unmapped(cmd) -> list[str]:
+    params = set().union(*(_parameters(_resolve(t)) for t in cmd.api))
+    return sorted(f"{sub} {d}".strip() for sub, dests in _options(cmd.add_args).items()
+                  for d in dests - PRESENTATION if cmd.aliases.get(d, d) not in params)
+
+
+def test_cli_table_is_the_python_api():
+    """Every command names the public, documented functions it calls, and every option
+    of the command is a parameter of one of them (directly or through a declared alias)."""
+    from rcc.cli import COMMANDS, Command, build_parser
+
+    assert set(COMMANDS) == {"ask", "compress", "info", "train", "prepare-data", "synth", "eval", "bench", "bench-train", "serve"}
     assert build_parser().parse_args(["info", "x.rcc"]).command == "info"
-    torch.manual_seed(0)
+    for name, cmd in COMMANDS.items():
+        params = set()
+        for target in cmd.api:
+            obj = _resolve(target)
+            assert not target.rpartition(":")[2].split(".")[-1].startswith("_"), target
+            if target.startswith("rcc"):
+                assert (obj.__doc__ or "").strip(), f"{target} has no docstring"
+            params |= _parameters(obj)
+        for alias, param in cmd.aliases.items():
+            assert param in params, f"{name}: alias {alias} -> {param}, which none of {cmd.api} takes"
+        assert _options(cmd.add_args), name
+        assert not _unmapped(cmd), f"rcc {name}: options {_unmapped(cmd)} are no parameter of {cmd.api}"
+    # the check can fail: an option no function takes is caught
+    ask = COMMANDS["ask"]
+
+    def more(p):
+        ask.add_args(p)
+        p.add_argument("--frobnicate")
+
+    assert _unmapped(Command(ask.run, more, ask.help, ask.api, ask.aliases)) == ["frobnicate"]
+    assert "eval" in COMMANDS and set(_options(COMMANDS["eval"].add_args)) == {"passkey", "needle", "reconstruct", "qa"}
 
 
 # ------------------------------------------------ reliability audit (issue 12)

@@ -10,7 +10,7 @@ import torch
 from rcc.errors import RCCError
 from rcc.eval import EvalConfig, parse_depths, parse_lengths, run_eval
 from rcc.eval import baselines, metrics, passkey
-from rcc.eval.needle import build_haystack, split_sentences
+from rcc.haystack import build_haystack, split_sentences
 from rcc.eval.runner import TASKS
 from rcc.eval.task import Prediction
 from tests.conftest import REPO, tiny_rcc, tiny_tokenizer
@@ -363,7 +363,7 @@ def test_eval_user_mistakes_are_one_line_errors(ckpt, tmp_path, capsys):
 @pytest.mark.slow
 def test_passkey_on_the_embedded_smollm2_with_baselines(tmp_path):
     """The real tokenizer and backbone: the generator's depths hold and every method runs."""
-    from rcc.checkpoint import load_model
+    from rcc.loading import load_model
 
     model = load_model("embedded:smollm2", window=512, ratio=32)
     cfg = EvalConfig(task="passkey", lengths=[600], depths=[0, 0.5, 1], modes="manual", baselines="full,recent")

@@ -164,8 +164,8 @@ def test_storage_dtypes_halve_the_file_and_load_back_into_the_model_dtype(model,
 
 _WRITER = """
 import sys, time, torch
-from rcc.memory import _atomic
-with _atomic(sys.argv[1]) as tmp:
+from rcc.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
     open(tmp, "wb").write(b"x" * 4096)
     print(tmp, flush=True)
     time.sleep(600)

@@ -33,7 +33,9 @@ import torch
 
 from .. import adapters
 from ..errors import RCCError
-from ..prompts import ASSISTANT, END, HEADER, ask, build, split_answer
+from ..hooks import cache_kwarg
+from ..ask import ask
+from ..prompts import ASSISTANT, END, HEADER, split_answer
 from .task import Prediction
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,6 @@ def stop_ids(tokenizer) -> set[int]:
     if len(end) == 1:
         out.add(end[0])
     return out
-
-
-def cache_kwarg(decoder) -> str:
-    from ..model import _cache_kwarg
-
-    return _cache_kwarg(decoder)
 
 
 @torch.no_grad()
@@ -114,17 +110,12 @@ class RCCMethod:
         self.name = f"rcc:{mode}" if mode else "rcc"
 
     def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
-        tok = self.model.tokenizer
-        to_compress, _ = build(context, question, self.mode)
-        ids = torch.tensor([_ids(tok, to_compress)])
-        t = time.perf_counter()
-        memory = self.model.compress(ids, window_batch_size=self.window_batch_size)
-        secs = time.perf_counter() - t
         # reconstruct mode writes the question back first: the same answer budget on top of it
-        extra = len(_ids(tok, question + ASSISTANT)) if self.mode == "reconstruct" else 0
-        a = ask(self.model, context, question, mode=self.mode, memory=memory, max_new_tokens=max_new_tokens + extra)
-        return Prediction(a.answer, a.token_ids, {"slots": memory.num_slots, "compressed_tokens": ids.shape[1],
-                                                  "compress_s": round(secs, 4),
+        extra = len(_ids(self.model.tokenizer, question + ASSISTANT)) if self.mode == "reconstruct" else 0
+        a = ask(self.model, context, question, mode=self.mode, max_new_tokens=max_new_tokens + extra,
+                window_batch_size=self.window_batch_size)
+        return Prediction(a.answer, a.token_ids, {"slots": a.num_slots, "compressed_tokens": a.compressed_tokens,
+                                                  "compress_s": round(a.compress_seconds, 4),
                                                   "reconstructed_question": a.reconstructed_question})
 
     def continue_ids(self, context_ids: list[int], prompt_ids: list[int], max_new_tokens: int) -> Prediction:

@@ -4,47 +4,16 @@ parsers of ``--lengths 4k,32k,1m`` and ``--depths 0,0.5,1``."""
 from __future__ import annotations
 
 import dataclasses
-import re
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RCCError
+from ..io import parse_length, parse_lengths  # noqa: F401  (re-exported: rcc.eval's API)
 from ..prompts import MODES
 
 TASK_NAMES = ("passkey", "needle", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
 BASELINES = ("full", "recent", "kvpress")
-_LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
-
-
-def parse_length(text: str | int) -> int:
-    """``"4k"`` -> 4096, ``"1m"`` -> 1048576, ``"1500"`` -> 1500 tokens (1k = 1024).
-
-    Raises:
-        RCCError: when not a positive number with an optional k/m suffix.
-    """
-    if isinstance(text, int):
-        value = text
-    else:
-        m = _LENGTH.match(str(text))
-        if not m:
-            raise RCCError(f"bad length {text!r}: give a number of tokens with an optional k or m suffix, e.g. 4k, 32k, 1m")
-        value = int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()])
-    if value <= 0:
-        raise RCCError(f"bad length {text!r}: must be at least one token")
-    return value
-
-
-def parse_lengths(text: str | list) -> list[int]:
-    """A comma-separated list of lengths, e.g. ``"4k,32k,128k,1m"``, in the given order.
-
-    Raises:
-        RCCError: on an empty list or a bad item.
-    """
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out = [parse_length(x) for x in items if str(x).strip()]
-    if not out:
-        raise RCCError("no lengths given; e.g. --lengths 4k,32k")
-    return out
 
 
 def parse_depths(text: str | list) -> list[float]:
@@ -160,5 +129,73 @@ class EvalConfig:
             if name in ("haystack", "text", "data") and not Path(getattr(self, name)).is_file():
                 raise RCCError(f"--{name} {getattr(self, name)}: no such file")
 
+    def rng(self, *parts) -> random.Random:
+        """A generator seeded by (task, seed, *parts): a sample's keys and offsets
+        depend on nothing else (str seeds are hashed with sha512: the same on every
+        run and machine)."""
+        return random.Random("/".join(map(str, (self.task, self.seed, *parts))))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_args(cls, args) -> "EvalConfig":
+        """The config of parsed ``rcc eval TASK`` options (:func:`add_arguments`).
+
+        Raises:
+            RCCError: on bad values.
+        """
+        task_defaults = {"max_new_tokens": None, "haystack": None, "needle": None, "question": None, "answer": None,
+                         "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None}
+        opts = {k: getattr(args, k, v) for k, v in task_defaults.items()}
+        baselines = ["full", "recent", "kvpress"] if args.baseline else (args.baselines or "")
+        return cls(task=args.task, lengths=getattr(args, "lengths", "4k"), depths=getattr(args, "depths", "0"),
+                   modes=getattr(args, "modes", "reconstruct,manual"), samples=getattr(args, "samples", 1),
+                   seed=args.seed, baselines=baselines, kvpress_press=args.kvpress_press,
+                   window_batch_size=args.window_batch_size, **opts)
+
+
+def _common(p, lengths: str | None, modes: bool = True) -> None:
+    from ..loading import add_model_arguments
+
+    add_model_arguments(p)
+    if lengths:
+        p.add_argument("--lengths", default=lengths, help=f"context lengths in tokens, k/m suffixes (default {lengths})")
+        p.add_argument("--samples", type=int, default=1, help="samples per length (and depth) (default 1)")
+    if modes:
+        p.add_argument("--modes", default="reconstruct,manual", help="RCC instruction modes (default both)")
+        p.add_argument("--max-new-tokens", type=int, help="the answer's token budget (default: the task's)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the baselines full, recent and kvpress on the same samples")
+    p.add_argument("--baselines", help="a subset of the baselines, e.g. full,recent")
+    p.add_argument("--kvpress-press", default="KnormPress", help="kvpress press for the kvpress baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of keys, offsets and spans (default 0)")
+    p.add_argument("-o", "--output", help="JSON result file (default runs/eval-TASK.json)")
+    p.add_argument("--plot", help="PNG file (default: beside the JSON)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+def add_arguments(p) -> None:
+    """``rcc eval TASK``'s options: the fields of :class:`EvalConfig` (see :meth:`EvalConfig.from_args`)
+    and the model's (:func:`rcc.loading.add_model_arguments`)."""
+    sub = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    depths = ("--depths", "0,0.25,0.5,0.75,1")
+    t = sub.add_parser("passkey", help="pass-key retrieval at context lengths x depths")
+    _common(t, "4k")
+    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
+    t = sub.add_parser("needle", help="a needle sentence hidden in your own haystack text")
+    _common(t, "4k")
+    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
+    t.add_argument("--haystack", required=True, help="UTF-8 text file to hide the needle in")
+    t.add_argument("--needle", required=True, help="the sentence to hide, e.g. 'The secret number is 42.'")
+    t.add_argument("--question", required=True, help="the question about it")
+    t.add_argument("--answer", required=True, help="the expected answer")
+    t = sub.add_parser("reconstruct", help="reproduce compressed held-out text: BLEU-4 and exact prefix")
+    _common(t, "1k,4k", modes=False)
+    t.add_argument("--text", required=True, help="UTF-8 held-out text file")
+    t.add_argument("--cue-tokens", type=int, default=16, help="tokens of the span given as the cue (default 16)")
+    t.add_argument("--target-tokens", type=int, default=64, help="tokens to reproduce after the cue (default 64)")
+    t = sub.add_parser("qa", help="questions from a JSONL file (PwC fields input, prompt, answer)")
+    _common(t, None)
+    t.add_argument("--data", required=True, help="JSONL file with input, prompt, answer")
+    t.add_argument("--limit", type=int, help="only the first N samples")

@@ -11,9 +11,9 @@ RCC's reconstruct mode, written in the prompt in manual mode).
 
 from __future__ import annotations
 
+from ..haystack import PASSKEY_FILLER, PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_haystack
 from . import metrics
 from .config import EvalConfig
-from .needle import _rng, build_haystack
 from .task import Example, Prediction
 
 NAME = "passkey"
@@ -21,24 +21,13 @@ GROUP_BY = ("length", "depth")
 METRICS = ("accuracy",)
 MAX_NEW_TOKENS = 16
 
-INSTRUCTION = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the important information there."
-)
-FILLER = (
-    " The grass is green.",
-    " The sky is blue.",
-    " The sun is yellow.",
-    " Here we go.",
-    " There and back again.",
-)
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+# the prompt's text lives with the haystack builder (rcc synth and rcc bench use it too)
+INSTRUCTION, FILLER, NEEDLE, QUESTION = PASSKEY_INSTRUCTION, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION
 
 
 def make_key(cfg: EvalConfig, length: int, depth: float, sample: int) -> str:
     """A 5-digit pass key, a function of (seed, length, depth, sample) only."""
-    return str(_rng(cfg, length, depth, sample).randint(10000, 99999))
+    return str(cfg.rng(length, depth, sample).randint(10000, 99999))
 
 
 def examples(cfg: EvalConfig, tokenizer) -> list[Example]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 
 from ..errors import RCCError
+from ..io import read_text
 from . import metrics
 from .config import EvalConfig
-from .needle import _rng
 from .task import Example, Prediction
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ def examples(cfg: EvalConfig, tokenizer) -> list[Example]:
     Raises:
         RCCError: when the text cannot be read or a length cannot hold the span.
     """
-    from ..cli import read_text
-
     ids = tokenizer(read_text(cfg.text), add_special_tokens=False)["input_ids"]
     span = cfg.cue_tokens + cfg.target_tokens
     out = []
@@ -43,7 +41,7 @@ def examples(cfg: EvalConfig, tokenizer) -> list[Example]:
         if repeats > 1:
             log.warning("the text (%s, %d tokens) is shorter than %d tokens: it is repeated", cfg.text, len(ids), length)
         for s in range(cfg.samples):
-            rng = _rng(cfg, length, s)
+            rng = cfg.rng(length, s)
             if len(ids) > length:
                 start = rng.randrange(len(ids) - length + 1)
                 chunk = ids[start : start + length]

@@ -7,9 +7,7 @@ result file (written atomically) and a text table.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,7 @@ from statistics import fmean
 
 from ..adapters import has_lora
 from ..errors import RCCError
-from ..memory import atomic_write_text
+from ..io import render_table, versions, write_json
 from . import baselines, needle, passkey, qa, reconstruct
 from .config import EvalConfig
 from .task import Example, Prediction
@@ -46,16 +44,6 @@ def model_identity(model, spec: str | None = None) -> dict:
         "device": str(model.device),
         "tokenizer": None if tok is None else f"{type(tok).__name__}({getattr(tok, 'name_or_path', '') or ''})",
     }
-
-
-def versions() -> dict:
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"rcc-llm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def build_methods(model, cfg: EvalConfig, question_task: bool) -> tuple[list, dict[str, str]]:
@@ -200,33 +188,6 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
     return result
 
 
-def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` as indented JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    return path
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        a = abs(value)
-        return f"{value:.0f}" if a >= 100 else f"{value:.1f}" if a >= 10 else f"{value:.2f}" if a >= 1 or a == 0 \
-            else f"{value:.3f}"
-    return str(value)
-
-
-def render_table(header: list[str], rows: list[list]) -> str:
-    """A plain aligned text table (first column left-aligned, others right-aligned)."""
-    cells = [header] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for j, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def format_table(result: dict) -> str:
     """Methods as rows; the headline metric per value of the first group key
     (e.g. per length), then every metric over all samples."""
@@ -249,3 +210,24 @@ def format_table(result: dict) -> str:
     if result.get("notes"):
         text += "\n" + "\n".join(f"note: {n}" for n in result["notes"])
     return text
+
+
+def command(args, load: Callable) -> int:
+    """``rcc eval TASK``: run a task on RCC (and, with --baseline, the baselines); write JSON (+ PNG),
+    print a table. ``load(args) -> (model, device)`` loads the model the options name (the CLI's)."""
+    import sys
+
+    from .plot import plot_result
+
+    cfg = EvalConfig.from_args(args)  # validate before the (slow) model load
+    model, _device_name = load(args)
+    output = Path(args.output or f"runs/eval-{args.task}.json")
+    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
+    result = run_eval(model, cfg, output=output, model_spec=args.model, progress=say)
+    print(format_table(result))
+    print(f"rcc: wrote {output}", file=sys.stderr)
+    if not args.no_plot:
+        png = plot_result(result, args.plot or output.with_suffix(".png"))
+        if png is not None:
+            print(f"rcc: wrote {png}", file=sys.stderr)
+    return 0

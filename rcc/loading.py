@@ -1,0 +1,81 @@
+"""What a user means by a model name (``--model`` of the CLI, the server):
+the bundled model, our checkpoints, the authors' released layout, or a fresh
+model over a backbone. Sits above :mod:`rcc.model` and :mod:`rcc.checkpoint`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .bundled import resolve_bundled
+from .config import CONFIG_FILE, RCCConfig
+from .errors import RCCError
+
+if TYPE_CHECKING:  # imported when a model is loaded: building the CLI's parser stays light
+    import torch
+
+    from .model import RCCModel
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # --dtype: "auto" is the device's best
+
+
+def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | None = None,
+               device=None, window: int = RCCConfig.window, ratio: int = RCCConfig.ratio) -> RCCModel:
+    """Resolve what a user means by a model name (CLI ``--model``, server).
+
+    - ``base_model`` given: ``spec`` is the authors' released layout (spec section 5);
+    - ``"rcc-smollm2-135m"`` (:data:`rcc.bundled.DEFAULT_MODEL`): the model shipped in the package;
+    - a folder or hub repo with ``rcc_config.json``: our format;
+    - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
+      untrained RCC model over two copies of that backbone (``window``, ``ratio``).
+
+    Raises:
+        RCCError: when nothing loadable is found, or the bundled model's weights are missing.
+    """
+    from .backbones import EMBEDDED, load_backbone, resolve_local_or_hub
+    from .model import RCCModel
+
+    if base_model:
+        model = RCCModel.from_original(spec, base_model=base_model, dtype=dtype)
+    elif spec == EMBEDDED:
+        encoder, tok = load_backbone(spec, dtype)
+        decoder, _ = load_backbone(spec, dtype)
+        model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
+                                        encoder_source=spec, decoder_source=spec)
+    else:
+        root = resolve_local_or_hub(resolve_bundled(spec),
+                                    allow_patterns=["*.json", "*.safetensors", "tokenizer/*", "*.model", "*.txt"])
+        if (root / CONFIG_FILE).is_file():
+            model = RCCModel.from_pretrained(str(root), dtype=dtype)
+        elif (root / "config.json").is_file():
+            encoder, tok = load_backbone(str(root), dtype)
+            decoder, _ = load_backbone(str(root), dtype)
+            model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
+                                            encoder_source=spec, decoder_source=spec)
+        else:
+            raise RCCError(
+                f"{spec}: neither an rcc-llm checkpoint ({CONFIG_FILE}) nor a transformers model "
+                "(config.json); for the authors' released weights add --base-model"
+            )
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def add_model_arguments(p, window_batch_size: int = 8,
+                        batch_help: str = "windows encoded per step (default 8)") -> None:
+    """The options naming and placing a model (``--model``, ``--device``, ...): the
+    parameters of :func:`load_model`, shared by the CLI's commands that load one."""
+    from .bundled import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"the bundled {DEFAULT_MODEL} (default), our checkpoint folder or hub id, the released "
+                        "layout (with --base-model), 'embedded:smollm2' or a transformers backbone (fresh, untrained)")
+    p.add_argument("--base-model", help="config (and tokenizer) of the released layout, e.g. EleutherAI/pythia-1.4b")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--window", type=int, default=RCCConfig.window,
+                   help=f"window of a fresh model (default {RCCConfig.window})")
+    p.add_argument("--ratio", type=int, default=RCCConfig.ratio,
+                   help=f"ratio of a fresh model (default {RCCConfig.ratio})")
+    p.add_argument("--window-batch-size", type=int, default=window_batch_size, help=batch_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
