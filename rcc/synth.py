@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,8 +180,6 @@ def add_arguments(p) -> None:
 
 def command(args) -> int:
     """Write synthetic pass-key / needle / extract records built from prose."""
-    import sys
-
     from .data import load_tokenizer
     from .io import parse_length
 

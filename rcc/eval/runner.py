@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,8 +216,6 @@ def format_table(result: dict) -> str:
 def command(args, load: Callable) -> int:
     """``rcc eval TASK``: run a task on RCC (and, with --baseline, the baselines); write JSON (+ PNG),
     print a table. ``load(args) -> (model, device)`` loads the model the options name (the CLI's)."""
-    import sys
-
     from .plot import plot_result
 
     cfg = EvalConfig.from_args(args)  # validate before the (slow) model load
