@@ -1,10 +1,10 @@
 """``rcc``: a thin command line over the Python API.
 
 Each command is a plain function taking parsed arguments; ``COMMANDS`` maps
-names to (function, argument builder, help, the Python API it calls). Options
-of the commands that are features of their own (eval, bench, synth,
-prepare-data) are defined in their module (``add_arguments``). User mistakes (:class:`RCCError`, bad
-files) print one line and exit 2, never a traceback.
+names to (function, argument builder, help, the Python API it calls). The
+commands that are features of their own (eval, bench, synth, prepare-data)
+define their options in their module (``add_arguments``). User mistakes
+(:class:`RCCError`, bad files) print one line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
