@@ -28,7 +28,7 @@ log = logging.getLogger("rcc")
 
 # ---------------------------------------------------------------- helpers
 def _lazy(target: str) -> Callable:
-    """``"module:function"``, imported when first called (the parser stays quick to build)."""
+    """``"module:function"``, imported when called: only the command that runs imports its module."""
     module, _, name = target.partition(":")
     return lambda *args: getattr(importlib.import_module(module), name)(*args)
 
