@@ -41,7 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import RCCError
-from .memory import atomic_save_file, atomic_write_text
+from .io import atomic_save_file, atomic_write_text
 
 FORMAT = "rcc-train-state/1"
 MANIFEST = "checkpoint.json"
