@@ -55,7 +55,7 @@ class Answer:
     compress_seconds: float = 0.0
 
 
-class _AnswerDone(StoppingCriteria):
+class AnswerDone(StoppingCriteria):
     """Stop a row once its answer is closed by ``<|im_end|>`` (after the
     assistant header in reconstruct mode, where the question ends with one too)."""
 
@@ -137,10 +137,10 @@ def ask(model, context: str | CompressedContext, question: str, mode: str | None
     prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     eos = tok.eos_token
     criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
-    criteria.append(_AnswerDone(tok, memory.num_slots + prompt_ids.shape[1], mode))
+    criteria.append(AnswerDone(tok, memory.num_slots + prompt_ids.shape[1], mode))
     eos_id = generate_kwargs.pop("eos_token_id", tok.eos_token_id)
     if mode == "reconstruct" and eos == END:
-        eos_id = None  # the question ends with <|im_end|> too: _AnswerDone decides
+        eos_id = None  # the question ends with <|im_end|> too: AnswerDone decides
     out = model.generate(memory, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                          stopping_criteria=criteria, **generate_kwargs)
     out_ids = out[0].tolist()

@@ -42,7 +42,7 @@ def ask(url, cid, question=QUESTION, **kw):
 def test_contexts_questions_stream_and_openai_client_answer_as_rcc_ask(tiny, tmp_path, one_thread):
     from openai import OpenAI
 
-    from rcc.checkpoint import load_model
+    from rcc.loading import load_model
     from rcc.prompts import ask as lib_ask
 
     with Server(tiny, tmp_path / "store") as srv:

@@ -23,7 +23,8 @@ from transformers import StoppingCriteriaList
 
 from ..errors import RCCError
 from ..memory import CompressedContext
-from ..prompts import ASSISTANT, END, _AnswerDone, build, split_answer
+from ..ask import AnswerDone
+from ..prompts import ASSISTANT, END, build, split_answer
 from .config import ServeConfig
 from .metrics import Metrics
 from .store import Store, context_id
@@ -380,7 +381,7 @@ class Engine:
         mask = torch.tensor([[0] * (m - len(r)) + [1] * len(r) for r in rows])
         eos = tok.eos_token
         eos_id = None if (mode == "reconstruct" and eos == END) else tok.eos_token_id
-        criteria = StoppingCriteriaList([_AnswerDone(tok, memory.num_slots + m, mode)])
+        criteria = StoppingCriteriaList([AnswerDone(tok, memory.num_slots + m, mode)])
         streamer = _RowStreamer(tok, mode, [q.sink if q.stream else None for q in qs])
         opts = dict(qs[0].options)
         if "stop" in opts:
@@ -460,7 +461,7 @@ def _stack(memories: list[CompressedContext]) -> CompressedContext:
 
 def load_engine(cfg: ServeConfig) -> Engine:
     """Load the model named by ``cfg.model`` and open the store (not yet started)."""
-    from ..checkpoint import load_model
+    from ..loading import load_model
 
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

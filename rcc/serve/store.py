@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..memory import atomic_write_text
+from ..io import atomic_write_text
 
 STATUSES = ("queued", "compressing", "ready", "failed")
 MAX_ATTEMPTS = 2
