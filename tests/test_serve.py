@@ -43,7 +43,7 @@ def test_contexts_questions_stream_and_openai_client_answer_as_rcc_ask(tiny, tmp
     from openai import OpenAI
 
     from rcc.loading import load_model
-    from rcc.prompts import ask as lib_ask
+    from rcc.ask import ask as lib_ask
 
     with Server(tiny, tmp_path / "store") as srv:
         url = srv.url
@@ -72,9 +72,7 @@ def test_contexts_questions_stream_and_openai_client_answer_as_rcc_ask(tiny, tmp
         model = load_model(str(tiny), dtype=torch.float32, device="cpu")
         ids = model.tokenizer(DOC.read_text(), add_special_tokens=False, return_tensors="pt").input_ids
         memory = model.compress(ids, window_batch_size=8)
-        q_ids = model.tokenizer("\n\n" + QUESTION, add_special_tokens=False, return_tensors="pt").input_ids
-        ref = lib_ask(model, "", QUESTION, mode="reconstruct", max_new_tokens=24,
-                      memory=model.compress(q_ids, window_batch_size=8, prefix=memory))
+        ref = lib_ask(model, memory, QUESTION, mode="reconstruct", max_new_tokens=24)  # extends the memory
         assert (recon["answer"], recon["reconstructed_question"]) == (ref.answer, ref.reconstructed_question)
 
         # the SSE stream's deltas add up to the answer
