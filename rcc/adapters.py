@@ -131,7 +131,15 @@ def merged_state(model: nn.Module) -> dict:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Merge the adapters into the base weights and remove them, in place."""
+    """Merge the adapters into the base weights and remove them, in place.
+
+    Raises:
+        RCCError: when the base weights are shared with another model
+            (:func:`rcc.backbones.shared_copy`): merging would change both.
+    """
+    if getattr(model, "rcc_shared_weights", False):
+        raise RCCError("cannot merge LoRA adapters into base weights that the encoder and decoder share; "
+                       "load the model with share_backbone=False")
     for name, layer in lora_layers(model).items():
         layer.merge(adapter_names=[ADAPTER])
         parent_name, _, child = name.rpartition(".")

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
-from .backbones import load_backbone, model_from_config, resolve_local_or_hub
+from .backbones import load_backbone, model_from_config, resolve_local_or_hub, shared_copy
 from .bundled import resolve_bundled
 from .config import RCCConfig
 from .errors import RCCError
@@ -178,9 +178,15 @@ def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
 
 
-def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None):
+def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=None, share_backbone: bool = True):
     """Load a model saved by :func:`save_pretrained` from a folder, hub id or
     bundled model name (``rcc-smollm2-135m``, see :mod:`rcc.bundled`).
+
+    ``share_backbone``: when the checkpoint stores no backbone weights and both
+    sides come from the same source (the bundled model: one SmolLM2, two LoRA
+    adapters), the source is loaded once and both sides hold the same frozen
+    tensors (:func:`rcc.backbones.shared_copy`); False loads two copies (needed
+    to train a side in full or to merge its adapters).
 
     Raises:
         RCCError: when the folder is not an RCC checkpoint, files are corrupt or
@@ -220,7 +226,10 @@ def load_pretrained(name_or_path: str, dtype: torch.dtype | None = None, device=
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     if meta.get("backbones") == "False":
         encoder, tok = load_backbone(config.encoder_source, dtype)
-        decoder, _ = load_backbone(config.decoder_source, dtype)
+        if share_backbone and config.decoder_source == config.encoder_source:
+            decoder = shared_copy(encoder)
+        else:
+            decoder, _ = load_backbone(config.decoder_source, dtype)
         tokenizer = tokenizer or tok
         for side, module in (("encoder", encoder), ("decoder", decoder)):
             lora = json.loads(meta.get("adapters", "{}")).get(side)
@@ -260,9 +269,9 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
 
     if base_model:
         model = load_original(spec, base_model=base_model, dtype=dtype)
-    elif spec == EMBEDDED:
+    elif spec == EMBEDDED:  # a fresh model for inference: the frozen backbone held once
         encoder, tok = load_backbone(spec, dtype)
-        decoder, _ = load_backbone(spec, dtype)
+        decoder = shared_copy(encoder)
         model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
                                         encoder_source=spec, decoder_source=spec)
     else:
@@ -272,7 +281,7 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
             model = load_pretrained(str(root), dtype=dtype)
         elif (root / "config.json").is_file():
             encoder, tok = load_backbone(str(root), dtype)
-            decoder, _ = load_backbone(str(root), dtype)
+            decoder = shared_copy(encoder)
             model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
                                             encoder_source=spec, decoder_source=spec)
         else:
