@@ -171,3 +171,16 @@ def test_training_builds_one_backbone_unless_a_side_trains_in_full(tmp_path):
                                     train_decoder="full", train_data="unused", output_dir=str(tmp_path),
                 max_steps=1, target_tokens=16, cue_min=2, cue_max=3))
     assert not shares_weights(again.encoder, again.decoder) and not adapters.has_lora(again.decoder)
+
+
+def test_bench_times_the_plain_forward_pass_over_rccs_windows():
+    from rcc.bench import format_table, measure, summarize
+
+    model = tiny_rcc("llama", window=64, ratio=8)
+    f = measure(model, "forward", 640, new_tokens=3, window_batch_size=2)
+    r = measure(model, "rcc", 640, new_tokens=3, window_batch_size=2)
+    assert f["ok"] and f["compress_s"] > 0 and f["compress_tok_s"] > 0 and f["ttft_s"] is None
+    assert f["kv_positions"] == 0 and r["compress_tok_s"] > 0
+    summary = summarize([f, r])
+    assert summary["compress_vs_forward"][640] == pytest.approx(r["compress_s"] / f["compress_s"], rel=1e-2)
+    assert "plain forward pass" in format_table({"points": [f, r], "summary": summary})
