@@ -13,6 +13,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from .windows import pad_to_windows, pool_slots
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class RCCOutput:
     """Result of :meth:`RCCModel.forward`.
 
@@ -38,22 +40,16 @@ class RCCOutput:
             only needs the loss never holds ``[batch, prompt, vocab]`` of them.
     """
 
-    def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None,
-                 make_logits: Callable[[], torch.Tensor] | None = None):
-        assert (logits is None) != (make_logits is None)
-        self.loss = loss
-        self._logits = logits
-        self._make_logits = make_logits
+    # a dataclass, so that DDP finds the loss among the output's fields
+    loss: torch.Tensor | None
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+    _make_logits: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def logits(self) -> torch.Tensor:
         if self._logits is None:
             self._logits, self._make_logits = self._make_logits(), None
         return self._logits
-
-    def __repr__(self) -> str:
-        state = "not computed" if self._logits is None else f"shape {tuple(self._logits.shape)}"
-        return f"RCCOutput(loss={self.loss}, logits {state})"
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -499,7 +495,7 @@ class RCCModel(nn.Module):
                 if scores.dtype in (torch.float16, torch.bfloat16):
                     scores = scores.float()
                 loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            return RCCOutput(loss=loss, logits=kept[:, 1:])
+            return RCCOutput(loss=loss, _logits=kept[:, 1:])
         # the decoder as body + head (what its forward computes): the loss reads the
         # hidden states at labelled positions only, never [batch, prompt, vocab] logits
         with hooks.inject(hooks.decoder_layers(self.decoder), additions):
@@ -510,9 +506,9 @@ class RCCModel(nn.Module):
             return head(hidden)[:, 1:]
 
         if labels is None:
-            return RCCOutput(loss=None, logits=make_logits())
+            return RCCOutput(loss=None, _logits=make_logits())
         loss = fused_loss.next_token_loss(hidden[:, :m], head, labels)
-        return RCCOutput(loss=loss, make_logits=make_logits)
+        return RCCOutput(loss=loss, _make_logits=make_logits)
 
     def _slots_with_partial_grad(
         self, ctx: torch.Tensor, grad_windows: int, window_batch_size: int | None,
