@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hooks, loss as fused_loss
+from . import adapters, hooks, loss as fused_loss
 from .config import RCCConfig, windows_for
 from .errors import RCCError
 from .memory import CompressedContext, kv_of, token_hash
@@ -398,12 +398,13 @@ class RCCModel(nn.Module):
 
             cache = DynamicCache()
         done = 0
-        for embeds, additions in self.iter_slots(ids, window_batch_size):
-            with hooks.inject(hooks.decoder_layers(self.decoder), additions):
-                self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-            done += embeds.shape[1] // self.config.slots_per_window
-            if progress is not None:
-                progress(done)
+        with adapters.fast_inference(self.encoder, self.decoder):
+            for embeds, additions in self.iter_slots(ids, window_batch_size):
+                with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+                    self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                done += embeds.shape[1] // self.config.slots_per_window
+                if progress is not None:
+                    progress(done)
         content = token_hash(ids) if prefix is None else token_hash(ids) + "+" + prefix.content_hash
         return CompressedContext(
             kv=[(k, v) for k, v in kv_of(cache)],
@@ -628,7 +629,8 @@ class RCCModel(nn.Module):
             for k in ("temperature", "top_p", "top_k"):
                 if opts.get(k) is None:
                     opts.pop(k, None)
-        out = self.decoder.generate(input_ids=full_ids, attention_mask=full_mask, **{self._cache_kw: cache}, **opts)
+        with adapters.fast_inference(self.decoder):
+            out = self.decoder.generate(input_ids=full_ids, attention_mask=full_mask, **{self._cache_kw: cache}, **opts)
         return out[:, P + m :]
 
     # ------------------------------------------------------------------ ask

@@ -184,3 +184,28 @@ def test_bench_times_the_plain_forward_pass_over_rccs_windows():
     summary = summarize([f, r])
     assert summary["compress_vs_forward"][640] == pytest.approx(r["compress_s"] / f["compress_s"], rel=1e-2)
     assert "plain forward pass" in format_table({"points": [f, r], "summary": summary})
+
+
+def test_fast_lora_inference_equals_peft_and_leaves_training_alone():
+    model = tiny_rcc("llama", window=32, ratio=4)
+    for side in (model.encoder, model.decoder):
+        adapters.add_lora(side, r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    ctx, prompt = ids(70), ids(5, seed=3)
+    with torch.no_grad():
+        want = model(ctx, prompt).logits  # forward: peft's own LoRA forward
+        with adapters.fast_inference(model.encoder, model.decoder):
+            layer = next(iter(adapters.lora_layers(model.decoder).values()))
+            assert "forward" in vars(layer)
+            got = model(ctx, prompt).logits
+        assert "forward" not in vars(layer)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mem = model.compress(ctx)  # compress uses the fast path: same slots as peft's forward
+    torch.testing.assert_close(model.decoder(input_ids=prompt, **{model._cache_kw: mem.cache()}).logits, want,
+                               rtol=1e-5, atol=1e-5)
+    with adapters.fast_inference(model.decoder):  # with gradients: peft's forward, gradients flow to LoRA
+        model(ctx, prompt, labels=prompt).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
