@@ -156,20 +156,22 @@ def test_shared_copy_is_a_separate_module_over_the_same_tensors():
 
 def test_training_builds_one_backbone_unless_a_side_trains_in_full(tmp_path):
     from rcc.train import build_model
-    from rcc.train_config import TrainConfig
+    from rcc.train_config import TrainConfig, nest_flat
+
+    def config(**flat):
+        flat = dict(train_data="unused", output_dir=str(tmp_path), max_steps=1, target_tokens=16, cue_min=2, cue_max=3,
+                    **flat)
+        return TrainConfig.from_dict(nest_flat(flat, warn=False))
 
     base = tiny_backbone("llama")
     base.save_pretrained(str(tmp_path / "base"))
-    opts = dict(backbone=str(tmp_path / "base"), window=32, ratio=4, train_data="unused", output_dir=str(tmp_path),
-                max_steps=1, target_tokens=16, cue_min=2, cue_max=3)
-    lora = build_model(TrainConfig(train_encoder="lora", train_decoder="lora", **opts))
+    opts = dict(backbone=str(tmp_path / "base"), window=32, ratio=4)
+    lora = build_model(config(train_encoder="lora", train_decoder="lora", **opts))
     assert shares_weights(lora.encoder, lora.decoder)
     assert all(not p.requires_grad for n, p in lora.decoder.named_parameters() if "lora_" not in n)
-    full = build_model(TrainConfig(train_encoder="frozen", train_decoder="full", **opts))
+    full = build_model(config(train_encoder="frozen", train_decoder="full", **opts))
     assert not shares_weights(full.encoder, full.decoder)
-    again = build_model(TrainConfig(init_from=lora_checkpoint(tmp_path / "ck"), train_encoder="lora",
-                                    train_decoder="full", train_data="unused", output_dir=str(tmp_path),
-                max_steps=1, target_tokens=16, cue_min=2, cue_max=3))
+    again = build_model(config(init_from=lora_checkpoint(tmp_path / "ck"), train_encoder="lora", train_decoder="full"))
     assert not shares_weights(again.encoder, again.decoder) and not adapters.has_lora(again.decoder)
 
 
