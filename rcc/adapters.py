@@ -181,12 +181,14 @@ def fast_inference(*models: nn.Module):
     """Inside the block, LoRA layers of ``models`` add their update in place when
     no gradient is recorded (see :func:`_fast_forward`); restored on exit. The
     adapters stay unmerged, so base weights that the encoder and decoder share
-    (:func:`rcc.backbones.shared_copy`) are never written."""
+    (:func:`rcc.backbones.shared_copy`) are never written. Blocks in several
+    threads (the server) may overlap: a layer already switched is left to the
+    block that switched it, and either forward computes the same function."""
     layers = [layer for m in models for layer in lora_layers(m).values() if "forward" not in vars(layer)]
     for layer in layers:
         layer.forward = _fast_forward(layer, layer.forward)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
+        for layer in layers:  # back to the class's forward; pop: another thread's block may have restored it
+            vars(layer).pop("forward", None)
