@@ -81,7 +81,7 @@ def _backbone(spec, dtype: torch.dtype, seed: int):
     return model, tok, source
 
 
-def build_model(cfg: TrainConfig) -> RCCModel:
+def build_model(cfg: TrainConfig, share_backbone: bool | None = None) -> RCCModel:
     """The model a config describes, with LoRA added and parameters frozen as asked.
 
     When both sides come from the same backbone and neither trains in full,
@@ -99,8 +99,11 @@ def build_model(cfg: TrainConfig) -> RCCModel:
     dtype = getattr(torch, cfg.model.dtype)
     # one backbone for both sides when neither trains in full (its weights are never
     # written); FSDP / DeepSpeed shard each side's layers apart, so they get two copies
-    share = "full" not in (cfg.model.train_encoder, cfg.model.train_decoder) and not any(
+    # (share_backbone=False: whoever shards the layers without accelerate's variables)
+    share = share_backbone if share_backbone is not None else "full" not in (
+        cfg.model.train_encoder, cfg.model.train_decoder) and not any(
         os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    share = share and "full" not in (cfg.model.train_encoder, cfg.model.train_decoder)
     if cfg.model.init_from:
         model = RCCModel.from_pretrained(cfg.model.init_from, dtype=dtype, share_backbone=share)
         if cfg.model.window is not None and cfg.model.window != model.config.window:
