@@ -83,6 +83,28 @@ def clear_embedded_cache() -> None:
     _EMBEDDED_CACHE.clear()
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A second instance of ``model`` whose parameters and buffers ARE ``model``'s
+    tensors: the weights are held once (issue: shared frozen backbone).
+
+    For an encoder and a decoder that start from one backbone and keep its
+    weights frozen (each may add its own LoRA adapters, which are new modules).
+    Nothing may then write to the shared tensors: no full training, no merging
+    adapters into them (:func:`rcc.adapters.merge_lora` refuses).
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo)
+    for m in (model, twin):
+        m.rcc_shared_weights = True  # a plain flag (not a module): merge_lora reads it
+    return twin
+
+
+def shares_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold any parameter tensor in common."""
+    mine = {p.data_ptr() for p in a.parameters()}
+    return any(p.data_ptr() in mine for p in b.parameters())
+
+
 def load_backbone(source: str, dtype: torch.dtype | None = None):
     """A causal LM and its tokenizer from ``"embedded:smollm2"``, a local folder or a hub id.
 

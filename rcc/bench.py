@@ -9,7 +9,10 @@ then measures one request:
   (streaming, ``window_batch_size`` windows at a time, spec section 4), then
   generate ``new_tokens`` after a short prompt;
 - ``backbone``: the decoder alone (the encoder and the projections are freed
-  first) pre-fills the whole context + prompt and generates ``new_tokens``.
+  first) pre-fills the whole context + prompt and generates ``new_tokens``;
+- ``forward``: the plain backbone (the decoder without its adapters, no cache,
+  no LM head) runs over the same windows RCC compresses, ``window_batch_size``
+  at a time: the speed compression is measured against (``compress_s``).
 
 Recorded per point: peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated``
 on GPU), memory after loading, compression time, time to first token (from
@@ -42,7 +45,7 @@ from .io import parse_lengths, render_table, versions, write_json
 
 log = logging.getLogger(__name__)
 
-BENCH_KINDS = ("rcc", "backbone")
+BENCH_KINDS = ("rcc", "backbone", "forward")
 # glibc raises its mmap threshold after large frees and then keeps freed tensors in
 # its heap, so peak RSS would follow the allocator's history (one window after
 # another grows it) rather than live memory. A fixed threshold maps every large
@@ -65,7 +68,7 @@ class BenchConfig:
         window_batch_size: windows RCC encodes per step; 1 keeps one window's
             activations at a time (the memory floor).
         new_tokens: tokens generated per request (>= 2 to time decoding).
-        kinds: which of ``rcc`` and ``backbone`` to measure.
+        kinds: which of ``rcc``, ``backbone`` and ``forward`` to measure.
         backbone_max_length: skip the backbone above this length (its pre-fill
             is quadratic: hours on a CPU at long lengths).
         timeout_s: per point; a point that runs longer is recorded as failed.
@@ -83,7 +86,7 @@ class BenchConfig:
     ratio: int = RCCConfig.ratio
     window_batch_size: int | None = 1
     new_tokens: int = 16
-    kinds: list[str] = field(default_factory=lambda: list(BENCH_KINDS))
+    kinds: list[str] = field(default_factory=lambda: ["rcc", "backbone"])
     backbone_max_length: int | None = None
     seed: int = 0
     timeout_s: float | None = None
@@ -92,7 +95,7 @@ class BenchConfig:
         self.lengths = sorted(set(parse_lengths(self.lengths)))
         bad = [k for k in self.kinds if k not in BENCH_KINDS]
         if bad or not self.kinds:
-            raise RCCError(f"unknown kinds {bad}; use rcc and/or backbone")
+            raise RCCError(f"unknown kinds {bad}; use rcc, backbone and/or forward")
         if self.new_tokens < 2:
             raise RCCError("new-tokens must be at least 2 (one for the first token, more to time decoding)")
         if self.backbone_max_length is not None:
@@ -204,8 +207,9 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
 
     Args:
         model: an :class:`~rcc.RCCModel`.
-        kind: ``"rcc"`` or ``"backbone"`` (``model.decoder`` alone).
-        free_encoder: for ``backbone``, drop the encoder and projections first
+        kind: ``"rcc"``, ``"backbone"`` (``model.decoder`` alone) or ``"forward"``
+            (the plain backbone's forward pass over RCC's windows, see the module doc).
+        free_encoder: for ``backbone`` and ``forward``, drop the encoder and projections first
             so the peak holds only the decoder's weights (the model is unusable after).
     Returns:
         a point: ``peak_mib``, ``loaded_mib``, ``compress_s``, ``ttft_s``,
@@ -222,7 +226,7 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
     per_pos = _kv_bytes_per_position(model.decoder, dtype_bytes)
     decoder = model.decoder
     point = {"kind": kind, "length": length, "new_tokens": new_tokens}
-    if kind == "backbone" and free_encoder:
+    if kind in ("backbone", "forward") and free_encoder:
         for name in ("encoder", "G", "A"):
             delattr(model, name)
     release_memory()
@@ -239,6 +243,20 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
             enc = model.encoder.config
             point["all_encoder_states_mib"] = round(
                 (enc.num_hidden_layers + 1) * length * enc.hidden_size * dtype_bytes / 2**20, 1)
+        elif kind == "forward":
+            from .adapters import disabled
+            from .hooks import backbone_body
+            from .windows import pad_to_windows
+
+            W = model.config.window
+            windows = pad_to_windows(ids, W).reshape(-1, W)
+            step = window_batch_size or len(windows)
+            with disabled(decoder):
+                for s in range(0, len(windows), step):
+                    backbone_body(decoder)(input_ids=windows[s : s + step], use_cache=False)
+            out = ids[:, :0]
+            t1 = time.perf_counter()
+            positions = 0
         else:
             full = torch.cat([ids, prompt], dim=1)
             pad = decoder.generation_config.pad_token_id
@@ -250,7 +268,7 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
             positions = length
     peak = peak_mib(device)
     times = clock.times
-    total_positions = positions + prompt.shape[1] + new_tokens
+    total_positions = positions + prompt.shape[1] + new_tokens if kind != "forward" else 0
     point.update({
         "ok": True,
         "tokens": length,
@@ -260,7 +278,8 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
         "loaded_mib": round(loaded, 1),
         "growth_mib": round(peak - loaded, 1),
         "kv_cache_mib": round(total_positions * per_pos / 2**20, 3),
-        "compress_s": round(t1 - t0, 3) if kind == "rcc" else None,
+        "compress_s": round(t1 - t0, 3) if kind != "backbone" else None,
+        "compress_tok_s": round(length / max(t1 - t0, 1e-9), 1) if kind != "backbone" else None,
         "ttft_s": round(times[0] - t0, 3) if times else None,
         "decode_tok_s": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
         "memory_measure": what,
@@ -335,6 +354,10 @@ def summarize(points: list[dict]) -> dict:
         fit = fit_slope([(p["length"] / 1024, p["peak_mib"]) for p in use])
         out[k] = {"points": len(use), "slope_mib_per_1k": round(fit[0], 3) if fit else None,
                   "intercept_mib": round(fit[1], 1) if fit else None}
+    times = {(p["kind"], p["length"]): p.get("compress_s") for p in ok if p["kind"] in ("rcc", "forward")}
+    both = sorted(n for k, n in times if k == "rcc" and ("forward", n) in times)
+    if both:  # RCC's compression time over the plain forward pass of the same windows
+        out["compress_vs_forward"] = {n: round(times["rcc", n] / max(times["forward", n], 1e-9), 3) for n in both}
     r, b = out.get("rcc", {}).get("slope_mib_per_1k"), out.get("backbone", {}).get("slope_mib_per_1k")
     if r is not None and b is not None:
         out["slope_ratio"] = round(b / r, 1) if r > 0 else float("inf")
@@ -396,6 +419,9 @@ def run_bench(cfg: BenchConfig, output: str | Path | None = None, progress=None,
 def _point_line(p: dict) -> str:
     if not p.get("ok"):
         return f"{p['kind']:8s} {p['length']:>8d} tokens: {p.get('error')}"
+    if p["kind"] == "forward":
+        return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, forward pass "
+                f"{p['compress_s']} s ({p['compress_tok_s']} tok/s)")
     return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, ttft {p['ttft_s']} s, "
             f"{p['decode_tok_s']} tok/s")
 
@@ -406,17 +432,20 @@ def format_table(result: dict) -> str:
               "TTFT s", "decode tok/s"]
     rows = []
     for p in result["points"]:
-        name = "RCC" if p["kind"] == "rcc" else "backbone"
+        name = {"rcc": "RCC", "backbone": "backbone", "forward": "forward pass"}[p["kind"]]
         if not p.get("ok"):
             rows.append([p["length"], name, p.get("error", "failed")] + [""] * 6)
             continue
         rows.append([p["length"], name, p["peak_mib"], p["loaded_mib"], p["growth_mib"], p["kv_positions"],
-                     "-" if p["compress_s"] is None else p["compress_s"], p["ttft_s"], p["decode_tok_s"]])
+                     "-" if p["compress_s"] is None else p["compress_s"], "-" if p["ttft_s"] is None else p["ttft_s"],
+                     "-" if p["decode_tok_s"] is None else p["decode_tok_s"]])
     text = render_table(header, rows)
     s = result["summary"]
     for kind, name in (("rcc", "RCC"), ("backbone", "backbone")):
         if s.get(kind, {}).get("slope_mib_per_1k") is not None:
             text += f"\nmemory slope {name}: {s[kind]['slope_mib_per_1k']:.3f} MiB per 1k tokens"
+    for n, ratio in s.get("compress_vs_forward", {}).items():
+        text += f"\ncompression at {n} tokens: {ratio}x the time of the backbone's plain forward pass over its windows"
     if "slope_ratio" in s:
         text += f"\nbackbone slope / RCC slope: {s['slope_ratio']}x (over {', '.join(map(str, s['common_lengths']))} tokens)"
     return text

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
-from .backbones import load_backbone, model_from_config, resolve_local_or_hub
+from .backbones import load_backbone, model_from_config, resolve_local_or_hub, shared_copy
 from .bundled import resolve_bundled
 from .config import CONFIG_FILE, RCCConfig
 from .errors import RCCError
@@ -213,10 +213,16 @@ def save_pretrained(model, path, include_backbones: bool | None = None) -> None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
 
 
-def read_pretrained(name_or_path: str, dtype: torch.dtype | None = None) -> Parts:
+def read_pretrained(name_or_path: str, dtype: torch.dtype | None = None, share_backbone: bool = True) -> Parts:
     """Read a model saved by :func:`save_pretrained` from a folder, hub id or
     bundled model name (``rcc-smollm2-135m``, see :mod:`rcc.bundled`); see
     :meth:`rcc.RCCModel.from_pretrained`.
+
+    ``share_backbone``: when the checkpoint stores no backbone weights and both
+    sides come from the same source (the bundled model: one SmolLM2, two LoRA
+    adapters), the source is loaded once and both sides hold the same frozen
+    tensors (:func:`rcc.backbones.shared_copy`); False loads two copies (needed
+    to train a side in full or to merge its adapters).
 
     Raises:
         RCCError: when the folder is not an RCC checkpoint, files are corrupt or
@@ -254,7 +260,10 @@ def read_pretrained(name_or_path: str, dtype: torch.dtype | None = None) -> Part
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     if meta.get("backbones") == "False":
         encoder, tok = load_backbone(config.encoder_source, dtype)
-        decoder, _ = load_backbone(config.decoder_source, dtype)
+        if share_backbone and config.decoder_source == config.encoder_source:
+            decoder = shared_copy(encoder)
+        else:
+            decoder, _ = load_backbone(config.decoder_source, dtype)
         tokenizer = tokenizer or tok
         for side, module in (("encoder", encoder), ("decoder", decoder)):
             lora = json.loads(meta.get("adapters", "{}")).get(side)

@@ -26,19 +26,19 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
     - ``"rcc-smollm2-135m"`` (:data:`rcc.bundled.DEFAULT_MODEL`): the model shipped in the package;
     - a folder or hub repo with ``rcc_config.json``: our format;
     - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
-      untrained RCC model over two copies of that backbone (``window``, ``ratio``).
+      untrained RCC model over that backbone, held once for both sides (``window``, ``ratio``).
 
     Raises:
         RCCError: when nothing loadable is found, or the bundled model's weights are missing.
     """
-    from .backbones import EMBEDDED, load_backbone, resolve_local_or_hub
+    from .backbones import EMBEDDED, load_backbone, resolve_local_or_hub, shared_copy
     from .model import RCCModel
 
     if base_model:
         model = RCCModel.from_original(spec, base_model=base_model, dtype=dtype)
     elif spec == EMBEDDED:
         encoder, tok = load_backbone(spec, dtype)
-        decoder, _ = load_backbone(spec, dtype)
+        decoder = shared_copy(encoder)  # a fresh model for inference: the frozen backbone held once
         model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
                                         encoder_source=spec, decoder_source=spec)
     else:
@@ -48,7 +48,7 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
             model = RCCModel.from_pretrained(str(root), dtype=dtype)
         elif (root / "config.json").is_file():
             encoder, tok = load_backbone(str(root), dtype)
-            decoder, _ = load_backbone(str(root), dtype)
+            decoder = shared_copy(encoder)
             model = RCCModel.from_backbones(encoder, decoder, window=window, ratio=ratio, tokenizer=tok,
                                             encoder_source=spec, decoder_source=spec)
         else:

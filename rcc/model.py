@@ -12,13 +12,13 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hooks
+from . import adapters, hooks, loss as fused_loss
 from .config import RCCConfig, windows_for
 from .errors import RCCError
 from .memory import CompressedContext, kv_of, token_hash
@@ -34,10 +34,21 @@ class RCCOutput:
     Attributes:
         loss: mean next-token cross-entropy over counted prompt labels (or None).
         logits: ``[batch, prompt_len, vocab]``; ``logits[:, t]`` predicts ``input_ids[:, t+1]``.
+            When the loss was computed without logits (:mod:`rcc.loss`), they are
+            computed from the kept hidden states on first access, so a caller that
+            only needs the loss never holds ``[batch, prompt, vocab]`` of them.
     """
 
+    # a dataclass, so that DDP finds the loss among the output's fields
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+    _make_logits: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits, self._make_logits = self._make_logits(), None
+        return self._logits
 
 
 def _as_batch(ids, name: str) -> torch.Tensor:
@@ -159,18 +170,21 @@ class RCCModel(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None) -> "RCCModel":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None, device=None,
+                        share_backbone: bool = True) -> "RCCModel":
         """Load a model saved by :meth:`save_pretrained` (local folder, hub id, or
         a bundled model's name such as ``rcc-smollm2-135m``); see :func:`rcc.checkpoint.read_pretrained`.
 
         Args:
             dtype: parameter dtype (default: as stored).
+            share_backbone: hold one frozen backbone for both sides when they come from
+                the same source (see :func:`rcc.checkpoint.read_pretrained`).
         Raises:
             RCCError: when it is not an rcc-llm checkpoint, or its files are corrupt or mismatched.
         """
         from .checkpoint import read_pretrained
 
-        return cls.from_parts(read_pretrained(name_or_path, dtype=dtype), device=device)
+        return cls.from_parts(read_pretrained(name_or_path, dtype=dtype, share_backbone=share_backbone), device=device)
 
     @classmethod
     def from_original(cls, weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None) -> "RCCModel":
@@ -210,7 +224,10 @@ class RCCModel(nn.Module):
         h = hashlib.sha256()
         cfg = self.config
         h.update(f"{cfg.window}/{cfg.ratio}/{cfg.pooling}/{self.level_map}".encode())
-        for name, p in self.named_parameters():
+        # per child, so that a side whose frozen weights are the other side's tensors
+        # (rcc.backbones.shared_copy) lists them as a separate copy would: same identity
+        params = [(n, p) for side, child in self.named_children() for n, p in child.named_parameters(prefix=side)]
+        for name, p in params:
             flat = p.detach().reshape(-1)
             count = min(16, flat.numel())
             idx = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
@@ -237,23 +254,54 @@ class RCCModel(nn.Module):
             ``(embeds, additions)``: ``embeds = G(level 0 slots): [num_windows, k, H_D]``
             and, for each decoder layer i, ``A_i(mean of its levels): [num_windows, k, H_D]``.
         """
-        body = hooks.backbone_body(self.encoder)
-        out = body(input_ids=windows.to(self.device), output_hidden_states=True, use_cache=False)
-        levels = out.hidden_states
+        return self._project(*self._encode_levels(windows))
+
+    def _encode_levels(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's slot states of ``windows [num_windows, W]``, before G and A_i.
+
+        The levels are recorded at the slot positions only, as the forward pass
+        produces them (:func:`rcc.hooks.capture`), instead of keeping every level
+        at every position (``output_hidden_states``).
+
+        Returns:
+            ``(level0 [num_windows, k, H_E], sources [L_D, num_windows, k, H_E])``:
+            sources[i] = the (mean of the) level(s) decoder layer i reads.
+        """
         r, pooling = self.config.ratio, self.config.pooling
-        pooled: dict[int, torch.Tensor] = {}
+        layers = hooks.decoder_layers(self.encoder)
+        last = len(layers)
+        wanted = {0} | {j for lv in self.level_map for j in lv}
+        tied = getattr(self.encoder.config, "tie_last_hidden_states", None) is not False
+        hooked = [j for j in wanted if j < last or not tied]  # the tied last level is the body's output
 
-        def level(j: int) -> torch.Tensor:
-            if j not in pooled:
-                pooled[j] = pool_slots(levels[j], r, pooling)
-            return pooled[j]
+        def keep(hidden: torch.Tensor) -> torch.Tensor:  # a copy: a view would keep the whole level alive
+            return pool_slots(hidden, r, pooling).clone(memory_format=torch.contiguous_format)
 
-        embeds = self.G(level(0).to(self.G.weight.dtype))
-        additions = []
-        for i, lv in enumerate(self.level_map):
-            src = level(lv[0]) if len(lv) == 1 else torch.stack([level(j) for j in lv]).mean(0)
-            additions.append(self.A[i](src.to(self.A[i].weight.dtype)))
-        return embeds, additions
+        body = hooks.backbone_body(self.encoder)
+        with hooks.capture(layers, hooked, keep) as levels:
+            out = body(input_ids=windows.to(self.device), use_cache=False)
+        if last in wanted and tied:
+            levels[last] = keep(out.last_hidden_state)
+        sources = torch.stack([levels[lv[0]] if len(lv) == 1 else torch.stack([levels[j] for j in lv]).mean(0)
+                               for lv in self.level_map])
+        return levels[0], sources
+
+    def _project(self, level0: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """G and all A_i on slot states; the L_D maps run as one batched matmul
+        over their stacked weights (two kernels, forward and backward, instead
+        of 2 L_D), the same way with and without gradients so that both give
+        bit-identical slots.
+
+        Args:
+            level0: ``[num_windows, k, H_E]``; sources: ``[L_D, num_windows, k, H_E]``.
+        Returns:
+            ``(embeds [num_windows, k, H_D], additions: L_D x [num_windows, k, H_D])``.
+        """
+        embeds = self.G(level0.to(self.G.weight.dtype))
+        weight = torch.stack([a.weight for a in self.A])  # [L_D, H_D, H_E]
+        L, n, k = sources.shape[:3]
+        out = torch.bmm(sources.to(weight.dtype).reshape(L, n * k, -1), weight.transpose(1, 2))  # [L_D, n*k, H_D]
+        return embeds, list(out.reshape(L, n, k, -1).unbind(0))
 
     def iter_slots(
         self, context_ids: torch.Tensor, window_batch_size: int | None = None
@@ -370,12 +418,13 @@ class RCCModel(nn.Module):
 
             cache = DynamicCache()
         done = 0
-        for embeds, additions in self.iter_slots(ids, window_batch_size):
-            with hooks.inject(hooks.decoder_layers(self.decoder), additions):
-                self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-            done += embeds.shape[1] // self.config.slots_per_window
-            if progress is not None:
-                progress(done)
+        with adapters.fast_inference(self.encoder, self.decoder):
+            for embeds, additions in self.iter_slots(ids, window_batch_size):
+                with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+                    self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                done += embeds.shape[1] // self.config.slots_per_window
+                if progress is not None:
+                    progress(done)
         content = token_hash(ids) if prefix is None else token_hash(ids) + "+" + prefix.content_hash
         return CompressedContext(
             kv=[(k, v) for k, v in kv_of(cache)],
@@ -432,6 +481,9 @@ class RCCModel(nn.Module):
                 answer, so the encoder learns to pack it); -1 = none, all drawn.
         Returns:
             :class:`RCCOutput` with ``logits [batch, m, vocab]`` and the mean loss.
+            With labels the loss is a fused head + cross-entropy over the labelled
+            positions (:func:`rcc.loss.next_token_loss`); the logits are then
+            computed only if the caller reads them.
         """
         ctx = self._check_context(context_ids).to(self.device)
         input_ids = _as_batch(input_ids, "input_ids").to(self.device)
@@ -449,19 +501,35 @@ class RCCModel(nn.Module):
         if attention_mask is not None:
             am = attention_mask.to(self.device)
             mask = torch.cat([torch.ones(am.shape[0], P, dtype=am.dtype, device=am.device), am], dim=1)
-        with hooks.inject(hooks.decoder_layers(self.decoder), additions):
-            out = self.decoder(inputs_embeds=inputs, attention_mask=mask, use_cache=False, logits_to_keep=m + 1)
-        kept = out.logits  # positions P-1 .. P+m-1
-        loss = None
         if labels is not None:
             labels = _as_batch(labels, "labels").to(self.device)
             if labels.shape != input_ids.shape:
                 raise RCCError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-            scores = kept[:, :m]
-            if scores.dtype in (torch.float16, torch.bfloat16):
-                scores = scores.float()
-            loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        return RCCOutput(loss=loss, logits=kept[:, 1:])
+        head = fused_loss.plain_head(self.decoder)  # at call time: LoRA may wrap the head later
+        if head is None:  # logit scaling or softcapping after the head: the decoder's own logits
+            with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+                out = self.decoder(inputs_embeds=inputs, attention_mask=mask, use_cache=False, logits_to_keep=m + 1)
+            kept = out.logits  # positions P-1 .. P+m-1
+            loss = None
+            if labels is not None:
+                scores = kept[:, :m]
+                if scores.dtype in (torch.float16, torch.bfloat16):
+                    scores = scores.float()
+                loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            return RCCOutput(loss=loss, _logits=kept[:, 1:])
+        # the decoder as body + head (what its forward computes): the loss reads the
+        # hidden states at labelled positions only, never [batch, prompt, vocab] logits
+        with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+            out = hooks.backbone_body(self.decoder)(inputs_embeds=inputs, attention_mask=mask, use_cache=False)
+        hidden = out.last_hidden_state[:, P - 1 :]  # [batch, m+1, H_D]: positions P-1 .. P+m-1
+
+        def make_logits() -> torch.Tensor:
+            return head(hidden)[:, 1:]
+
+        if labels is None:
+            return RCCOutput(loss=None, _logits=make_logits())
+        loss = fused_loss.next_token_loss(hidden[:, :m], head, labels)
+        return RCCOutput(loss=loss, _make_logits=make_logits)
 
     def _slots_with_partial_grad(
         self, ctx: torch.Tensor, grad_windows: int, window_batch_size: int | None,
@@ -491,16 +559,21 @@ class RCCModel(nn.Module):
         chosen = chosen.reshape(-1).to(flat.device)
         with_grad = chosen.nonzero().squeeze(1)
         without = (~chosen).nonzero().squeeze(1)
-        parts = [self.encode_windows(flat[with_grad])]
+        parts = [self._encode_levels(flat[with_grad])]
         step = max(1, int(window_batch_size or 8) * b)  # bounded: all windows at once can exhaust memory
         with torch.no_grad():
             for s in range(0, len(without), step):
-                parts.append(self.encode_windows(flat[without[s : s + step]]))
+                parts.append(self._encode_levels(flat[without[s : s + step]]))
         order = torch.cat([with_grad, without]).argsort()  # back to window order
-        embeds = torch.cat([p[0] for p in parts])[order]
+        level0 = torch.cat([p[0] for p in parts])[order]
+        sources = torch.cat([p[1] for p in parts], dim=1)[:, order]
+        # all windows in one projection, as the full pass does (same values), but
+        # G and A_i get gradient only from the chosen windows
+        embeds, additions = self._project(level0, sources)
+        sel = chosen.view(-1, 1, 1)
+        embeds = torch.where(sel, embeds, embeds.detach())
         k = embeds.shape[1]
-        additions = [torch.cat([p[1][i] for p in parts])[order].reshape(b, nw * k, -1) for i in range(len(self.A))]
-        return embeds.reshape(b, nw * k, -1), additions
+        return embeds.reshape(b, nw * k, -1), [torch.where(sel, a, a.detach()).reshape(b, nw * k, -1) for a in additions]
 
     # ----------------------------------------------------------- generate
     @torch.no_grad()
@@ -576,7 +649,8 @@ class RCCModel(nn.Module):
             for k in ("temperature", "top_p", "top_k"):
                 if opts.get(k) is None:
                     opts.pop(k, None)
-        out = self.decoder.generate(input_ids=full_ids, attention_mask=full_mask, **{self._cache_kw: cache}, **opts)
+        with adapters.fast_inference(self.decoder):
+            out = self.decoder.generate(input_ids=full_ids, attention_mask=full_mask, **{self._cache_kw: cache}, **opts)
         return out[:, P + m :]
 
     # ------------------------------------------------------------------ ask

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
+from .backbones import shared_copy
 from .data import FinetuneBatches, PretrainBatches, TokenFile, load_examples, load_tokenizer, split_examples
 from .errors import RCCError
 from .io import atomic_write_text
@@ -80,8 +81,12 @@ def _backbone(spec, dtype: torch.dtype, seed: int):
     return model, tok, source
 
 
-def build_model(cfg: TrainConfig) -> RCCModel:
+def build_model(cfg: TrainConfig, share_backbone: bool | None = None) -> RCCModel:
     """The model a config describes, with LoRA added and parameters frozen as asked.
+
+    When both sides come from the same backbone and neither trains in full,
+    they share its frozen weights (:func:`rcc.backbones.shared_copy`; the
+    model's weights in memory halve; checkpoints are unchanged).
 
     A side trained in full no longer equals its source backbone, so its
     ``encoder_source``/``decoder_source`` is cleared (the saved model then
@@ -92,8 +97,15 @@ def build_model(cfg: TrainConfig) -> RCCModel:
         RCCError: on unloadable backbones or settings that contradict ``init_from``.
     """
     dtype = getattr(torch, cfg.model.dtype)
+    # one backbone for both sides when neither trains in full (its weights are never
+    # written); FSDP / DeepSpeed shard each side's layers apart, so they get two copies
+    # (share_backbone=False: whoever shards the layers without accelerate's variables)
+    share = share_backbone if share_backbone is not None else "full" not in (
+        cfg.model.train_encoder, cfg.model.train_decoder) and not any(
+        os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    share = share and "full" not in (cfg.model.train_encoder, cfg.model.train_decoder)
     if cfg.model.init_from:
-        model = RCCModel.from_pretrained(cfg.model.init_from, dtype=dtype)
+        model = RCCModel.from_pretrained(cfg.model.init_from, dtype=dtype, share_backbone=share)
         if cfg.model.window is not None and cfg.model.window != model.config.window:
             raise RCCError(f"init_from {cfg.model.init_from} has window={model.config.window} but the config asks "
                            f"for {cfg.model.window}; remove model.window from the config or start from fresh backbones")
@@ -104,8 +116,13 @@ def build_model(cfg: TrainConfig) -> RCCModel:
             log.info("init_from %s: continuing with %s", cfg.model.init_from,
                      ", ".join(f"{k}={v!r}" for k, v in changes.items()))
     else:
-        enc, tok, enc_src = _backbone(cfg.model.encoder_backbone or cfg.model.backbone, dtype, cfg.run.seed)
-        dec, tok_d, dec_src = _backbone(cfg.model.decoder_backbone or cfg.model.backbone, dtype, cfg.run.seed)
+        enc_spec = cfg.model.encoder_backbone or cfg.model.backbone
+        dec_spec = cfg.model.decoder_backbone or cfg.model.backbone
+        enc, tok, enc_src = _backbone(enc_spec, dtype, cfg.run.seed)
+        if share and dec_spec == enc_spec:  # same source (or inline config and seed): same weights
+            dec, tok_d, dec_src = shared_copy(enc), tok, enc_src
+        else:
+            dec, tok_d, dec_src = _backbone(dec_spec, dtype, cfg.run.seed)
         rcc = cfg.model.rcc_config()  # unset window / ratio / pooling: RCCConfig's defaults
         model = RCCModel.from_backbones(enc, dec, window=rcc.window, ratio=rcc.ratio, pooling=rcc.pooling,
                                         tokenizer=tok or tok_d, encoder_source=enc_src, decoder_source=dec_src)

@@ -21,7 +21,7 @@ def main(config: str, out: str) -> None:
     rank = dist.get_rank()
     cfg = TrainConfig.load(config)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
+    model = build_model(cfg, share_backbone=False).train()  # fully_shard wraps each side's layers apart
     names = {type(layer).__name__ for side in (model.encoder, model.decoder) for layer in hooks.decoder_layers(side)}
     for module in model.modules():
         if type(module).__name__ in names:

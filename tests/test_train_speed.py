@@ -69,7 +69,7 @@ def test_frozen_weights_in_bf16_are_not_recast_and_trained_ones_stay_fp32(tokens
         model.zero_grad(set_to_none=True)
     # fp32 storage: autocast casts every frozen matrix on every forward; bf16 storage: none
     assert counts["float32 storage"] > 0 and counts["bf16 storage"] == 0, counts
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}  # shared backbone: both sides
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or n.startswith(("G.", "A.")))
     assert dtypes["decoder.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
     assert dtypes["decoder.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
