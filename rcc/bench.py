@@ -459,7 +459,8 @@ def add_arguments(p) -> None:
     add_model_arguments(p, window_batch_size=1, batch_help="windows encoded per step (default 1: the memory floor)")
     p.add_argument("--lengths", default="2k,4k,8k,16k,32k", help="context lengths (default 2k,4k,8k,16k,32k)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
-    p.add_argument("--kinds", default="rcc,backbone", help="what to measure (default rcc,backbone)")
+    p.add_argument("--kinds", default="rcc,backbone", help="what to measure: rcc, backbone, forward (the backbone's plain forward "
+                   "pass over RCC's windows, to time compression against; default rcc,backbone)")
     p.add_argument("--backbone-max-length", help="skip the uncompressed backbone above this length, e.g. 32k")
     p.add_argument("--timeout", type=float, help="seconds per measurement before it counts as failed")
     p.add_argument("--seed", type=int, default=0)
