@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, hooks, loss as fused_loss
+from . import adapters, hooks, loss as fused_loss, slots
 from .config import RCCConfig, windows_for
 from .errors import RCCError
 from .memory import CompressedContext, kv_of, token_hash
-from .windows import pad_to_windows, pool_slots
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ class RCCModel(nn.Module):
 
     # ------------------------------------------------------------ compress
     def encode_windows(self, windows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Compress windows into projected slots.
+        """Compress windows into projected slots (:mod:`rcc.slots`).
 
         Args:
             windows: ``[num_windows, W]`` token ids; positions restart at 0 in each.
@@ -254,59 +253,17 @@ class RCCModel(nn.Module):
             ``(embeds, additions)``: ``embeds = G(level 0 slots): [num_windows, k, H_D]``
             and, for each decoder layer i, ``A_i(mean of its levels): [num_windows, k, H_D]``.
         """
-        return self._project(*self._encode_levels(windows))
+        return slots.project(self, *slots.encode_levels(self, windows))
 
     def _encode_levels(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's slot states of ``windows [num_windows, W]``, before G and A_i.
-
-        The levels are recorded at the slot positions only, as the forward pass
-        produces them (:func:`rcc.hooks.capture`), instead of keeping every level
-        at every position (``output_hidden_states``).
-
-        Returns:
-            ``(level0 [num_windows, k, H_E], sources [L_D, num_windows, k, H_E])``:
-            sources[i] = the (mean of the) level(s) decoder layer i reads.
-        """
-        r, pooling = self.config.ratio, self.config.pooling
-        layers = hooks.decoder_layers(self.encoder)
-        last = len(layers)
-        wanted = {0} | {j for lv in self.level_map for j in lv}
-        tied = getattr(self.encoder.config, "tie_last_hidden_states", None) is not False
-        hooked = [j for j in wanted if j < last or not tied]  # the tied last level is the body's output
-
-        def keep(hidden: torch.Tensor) -> torch.Tensor:  # a copy: a view would keep the whole level alive
-            return pool_slots(hidden, r, pooling).clone(memory_format=torch.contiguous_format)
-
-        body = hooks.backbone_body(self.encoder)
-        with hooks.capture(layers, hooked, keep) as levels:
-            out = body(input_ids=windows.to(self.device), use_cache=False)
-        if last in wanted and tied:
-            levels[last] = keep(out.last_hidden_state)
-        sources = torch.stack([levels[lv[0]] if len(lv) == 1 else torch.stack([levels[j] for j in lv]).mean(0)
-                               for lv in self.level_map])
-        return levels[0], sources
-
-    def _project(self, level0: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """G and all A_i on slot states; the L_D maps run as one batched matmul
-        over their stacked weights (two kernels, forward and backward, instead
-        of 2 L_D), the same way with and without gradients so that both give
-        bit-identical slots.
-
-        Args:
-            level0: ``[num_windows, k, H_E]``; sources: ``[L_D, num_windows, k, H_E]``.
-        Returns:
-            ``(embeds [num_windows, k, H_D], additions: L_D x [num_windows, k, H_D])``.
-        """
-        embeds = self.G(level0.to(self.G.weight.dtype))
-        weight = torch.stack([a.weight for a in self.A])  # [L_D, H_D, H_E]
-        L, n, k = sources.shape[:3]
-        out = torch.bmm(sources.to(weight.dtype).reshape(L, n * k, -1), weight.transpose(1, 2))  # [L_D, n*k, H_D]
-        return embeds, list(out.reshape(L, n, k, -1).unbind(0))
+        """The encoder's slot states before G and A_i; see :func:`rcc.slots.encode_levels`."""
+        return slots.encode_levels(self, windows)
 
     def iter_slots(
         self, context_ids: torch.Tensor, window_batch_size: int | None = None
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Yield projected slots a batch of windows at a time, in context order.
+        """Yield projected slots a batch of windows at a time, in context order
+        (:func:`rcc.slots.iter_slots`).
 
         Args:
             context_ids: ``[batch, n]``.
@@ -315,18 +272,7 @@ class RCCModel(nn.Module):
             ``(embeds [batch, j*k, H_D], additions: L_D x [batch, j*k, H_D])`` for
             consecutive groups of j windows.
         """
-        cfg = self.config
-        padded = pad_to_windows(context_ids, cfg.window)
-        b = padded.shape[0]
-        windows = padded.reshape(b, -1, cfg.window)  # [batch, num_windows, W]
-        nw = windows.shape[1]
-        step = nw if not window_batch_size else max(1, int(window_batch_size))
-        for start in range(0, nw, step):
-            chunk = windows[:, start : start + step]
-            j = chunk.shape[1]
-            embeds, additions = self.encode_windows(chunk.reshape(b * j, cfg.window))
-            k = embeds.shape[1]
-            yield embeds.reshape(b, j * k, -1), [a.reshape(b, j * k, -1) for a in additions]
+        return slots.iter_slots(self, context_ids, window_batch_size)
 
     def _check_context(self, context_ids) -> torch.Tensor:
         ids = _as_batch(context_ids, "context_ids")
@@ -487,12 +433,7 @@ class RCCModel(nn.Module):
         """
         ctx = self._check_context(context_ids).to(self.device)
         input_ids = _as_batch(input_ids, "input_ids").to(self.device)
-        if grad_windows and torch.is_grad_enabled():
-            embeds, additions = self._slots_with_partial_grad(ctx, int(grad_windows), window_batch_size, focus_windows)
-        else:
-            parts = list(self.iter_slots(ctx, window_batch_size))
-            embeds = torch.cat([p[0] for p in parts], dim=1)
-            additions = [torch.cat([p[1][i] for p in parts], dim=1) for i in range(len(self.A))]
+        embeds, additions = slots.all_slots(self, ctx, window_batch_size, grad_windows, focus_windows)
         P, m = embeds.shape[1], input_ids.shape[1]
         self.check_positions(P + m)
         tok = self.decoder.get_input_embeddings()(input_ids)
@@ -530,50 +471,6 @@ class RCCModel(nn.Module):
             return RCCOutput(loss=None, _logits=make_logits())
         loss = fused_loss.next_token_loss(hidden[:, :m], head, labels)
         return RCCOutput(loss=loss, _make_logits=make_logits)
-
-    def _slots_with_partial_grad(
-        self, ctx: torch.Tensor, grad_windows: int, window_batch_size: int | None,
-        focus_windows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Slots of ``ctx [batch, n]`` as :meth:`iter_slots` gives them, with
-        gradient through ``grad_windows`` windows of each row only: its focus
-        window (``focus_windows [batch]``, -1 none) and random others.
-
-        Returns:
-            ``(embeds [batch, P, H_D], additions: L_D x [batch, P, H_D])``.
-        """
-        W = self.config.window
-        windows = pad_to_windows(ctx, W).reshape(ctx.shape[0], -1, W)  # [batch, nw, W]
-        b, nw = windows.shape[:2]
-        flat = windows.reshape(b * nw, W)
-        if grad_windows >= nw:
-            chosen = torch.ones(b, nw, dtype=torch.bool)
-        else:
-            scores = torch.rand(b, nw)
-            if focus_windows is not None:  # a focus window sorts first
-                focus = focus_windows.detach().cpu().long()
-                rows = (focus >= 0).nonzero().squeeze(1)
-                scores[rows, focus[rows].clamp(max=nw - 1)] = -1.0
-            picks = scores.argsort(dim=1)[:, :grad_windows]
-            chosen = torch.zeros(b, nw, dtype=torch.bool).scatter_(1, picks, True)
-        chosen = chosen.reshape(-1).to(flat.device)
-        with_grad = chosen.nonzero().squeeze(1)
-        without = (~chosen).nonzero().squeeze(1)
-        parts = [self._encode_levels(flat[with_grad])]
-        step = max(1, int(window_batch_size or 8) * b)  # bounded: all windows at once can exhaust memory
-        with torch.no_grad():
-            for s in range(0, len(without), step):
-                parts.append(self._encode_levels(flat[without[s : s + step]]))
-        order = torch.cat([with_grad, without]).argsort()  # back to window order
-        level0 = torch.cat([p[0] for p in parts])[order]
-        sources = torch.cat([p[1] for p in parts], dim=1)[:, order]
-        # all windows in one projection, as the full pass does (same values), but
-        # G and A_i get gradient only from the chosen windows
-        embeds, additions = self._project(level0, sources)
-        sel = chosen.view(-1, 1, 1)
-        embeds = torch.where(sel, embeds, embeds.detach())
-        k = embeds.shape[1]
-        return embeds.reshape(b, nw * k, -1), [torch.where(sel, a, a.detach()).reshape(b, nw * k, -1) for a in additions]
 
     # ----------------------------------------------------------- generate
     @torch.no_grad()
