@@ -9,7 +9,6 @@ modeling code.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,12 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, hooks, loss as fused_loss, slots
+from . import adapters, hooks, loss as fused_loss, positions, slots
 from .config import RCCConfig, windows_for
 from .errors import RCCError
 from .memory import CompressedContext, kv_of, token_hash
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -281,36 +278,14 @@ class RCCModel(nn.Module):
         return ids
 
     def check_positions(self, total: int, new_tokens: int = 0, what: str = "slots + prompt") -> None:
-        """Refuse (absolute positions) or warn (rotary) when ``total`` decoder positions
-        (slots + prompt) and up to ``new_tokens`` generated ones exceed what the decoder
-        was trained on. The rotary warning is given once per model; it names the
-        generation budget only when the budget alone crosses the trained length.
+        """Refuse (absolute positions) or warn once (rotary) when ``total`` decoder positions
+        and up to ``new_tokens`` generated ones exceed what the decoder was trained on;
+        see :func:`rcc.positions.check_positions`.
 
         Raises:
             RCCError: for learned absolute position embeddings beyond their table.
         """
-        if self.position_limit is not None and total + new_tokens > self.position_limit:
-            max_ctx = (self.position_limit // self.config.slots_per_window) * self.config.window
-            budget = f" + up to {new_tokens} new tokens" if new_tokens else ""
-            raise RCCError(
-                f"{what}{budget} need {total + new_tokens} decoder positions but this decoder has "
-                f"learned absolute position embeddings for {self.position_limit}; with window "
-                f"{self.config.window} and ratio {self.config.ratio} it can read at most about "
-                f"{max_ctx} context tokens; shorten the context or the prompt"
-            )
-        trained = getattr(self.decoder.config, "max_position_embeddings", None)
-        if self.position_limit is not None or not trained or self._positions_warned:
-            return
-        if total > trained:
-            log.warning("%s span %d decoder positions, beyond the %d the decoder was trained on; rotary "
-                        "positions extrapolate (as in the paper) but quality may drop", what, total, trained)
-        elif total + new_tokens > trained:
-            log.warning("%s span %d of the %d decoder positions the decoder was trained on; an answer longer "
-                        "than %d tokens (of up to %d) goes beyond them, where quality may drop",
-                        what, total, trained, trained - total, new_tokens)
-        else:
-            return
-        self._positions_warned = True
+        positions.check_positions(self, total, new_tokens, what)
 
     @torch.no_grad()
     def kv_bytes_per_slot(self, dtype: torch.dtype | None = None) -> int:
