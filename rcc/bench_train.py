@@ -211,8 +211,9 @@ class _Runner:
     """One variant: its model, data, optimizer and timings."""
 
     def __init__(self, variant: Variant, cfg, device: torch.device, data: str | None):
-        from .train import (build_data, build_model, compile_layers, make_optimizer, param_groups,
-                            resolve_frozen_dtype, resolve_precision, store_frozen)
+        from .train import build_data
+        from .train_model import (build_model, compile_layers, make_optimizer, param_groups, resolve_frozen_dtype,
+                                  resolve_precision, store_frozen)
         import torch
 
         self.variant, self.cfg, self.device = variant, cfg, device

@@ -1,7 +1,7 @@
 """Worker of test_train_speed's 2-process FSDP2 test (run by torch.distributed.run):
 shard each decoder layer (by the class rcc train hands accelerate) and the whole
 model with ``fully_shard`` on gloo, train two steps, gather the full state on
-rank 0 and save it through ``rcc.train._gathered_model``."""
+rank 0 and save it through ``rcc.train_model._gathered_model``."""
 
 import sys
 
@@ -12,7 +12,7 @@ from torch.distributed.fsdp import fully_shard
 
 from rcc import hooks
 from rcc.data import PretrainBatches, TokenFile
-from rcc.train import _gathered_model, build_model
+from rcc.train_model import _gathered_model, build_model
 from rcc.train_config import TrainConfig
 
 

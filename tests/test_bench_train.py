@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from rcc.bench_train import step_flops
 from rcc.cli import main
 from rcc.data import PretrainBatches, TokenFile, write_token_folder
-from rcc.train import build_model, training_loss
+from rcc.train import training_loss
+from rcc.train_model import build_model
 from rcc.train_config import SECTION_OF, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -155,7 +155,7 @@ def test_shared_copy_is_a_separate_module_over_the_same_tensors():
 
 
 def test_training_builds_one_backbone_unless_a_side_trains_in_full(tmp_path):
-    from rcc.train import build_model
+    from rcc.train_model import build_model
     from rcc.train_config import TrainConfig, nest_flat
 
     def config(**flat):

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from rcc import RCCError, RCCModel
 from rcc.cli import main
 from rcc.data import write_token_folder
-from rcc.train import build_model, checkpoints, lr_factor, param_groups, train, training_loss
+from rcc.train import checkpoints, lr_factor, train, training_loss
+from rcc.train_model import build_model, param_groups
 from rcc.train_config import SECTION_OF, TrainConfig
 from tests.conftest import tiny_backbone
 

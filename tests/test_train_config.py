@@ -14,7 +14,8 @@ import pytest
 from rcc import RCCError
 from rcc.config import RCCConfig
 from rcc.data import write_token_folder
-from rcc.train import build_model, train
+from rcc.train import train
+from rcc.train_model import build_model
 from rcc.train_config import SECTION_OF, TrainConfig, dotted
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import yaml
 from rcc import RCCModel
 from rcc.cli import main
 from rcc.data import PretrainBatches, TokenFile, write_token_folder
-from rcc.train import build_model
+from rcc.train_model import build_model
 from rcc.train_config import TrainConfig
 
 V = 16  # ids 1..15 are drawn; 0 never appears

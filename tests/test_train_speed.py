@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rcc import RCCError, RCCModel
-from rcc.train import (_gathered_model, build_model, compile_layers, resolve_frozen_dtype, store_frozen, train,
-                       training_loss)
+from rcc.train import train, training_loss
+from rcc.train_model import _gathered_model, build_model, compile_layers, resolve_frozen_dtype, store_frozen
 from rcc.train_config import TrainConfig
 from tests.test_train import tiny, tokens  # noqa: F401 (a fixture)
 
@@ -186,7 +186,7 @@ def test_fsdp_wraps_the_backbones_own_layer_class_when_the_config_leaves_it_unse
 
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from rcc.train import _wrap_by_layer_class
+    from rcc.train_model import _wrap_by_layer_class
 
     _, model = lora_model(tokens, tmp_path)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
