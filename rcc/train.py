@@ -276,6 +276,12 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     # several processes and no GPU (`accelerate launch --multi_gpu` or torchrun
     # on a CPU machine): accelerate runs DDP on gloo only when told cpu=True
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one process-wide state: a second run in this process (a
+        # notebook, the pinned-loss tests) with another precision would be refused
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         cpu=multi_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.run.ddp_find_unused_parameters)])
