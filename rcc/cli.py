@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from .errors import RCCError
 from .io import peak_memory_mib, read_text
-from .loading import DTYPES  # noqa: F401  (its old home)
+from .loading import DTYPES, load_from_args, resolve_device, resolve_dtype  # noqa: F401  (DTYPES: its old home)
 
 log = logging.getLogger("rcc")
 
@@ -31,59 +31,6 @@ def _lazy(target: str) -> Callable:
     """``"module:function"``, imported when called: only the command that runs imports its module."""
     module, _, name = target.partition(":")
     return lambda *args: getattr(importlib.import_module(module), name)(*args)
-
-
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def _device(name: str) -> str:
-    """``--device`` checked against this machine (before any model is loaded).
-
-    Raises:
-        RCCError: for a name torch does not know or a device that is not here.
-    """
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise RCCError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RCCError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RCCError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise RCCError(f"--device {name}: no Apple GPU is available here; use --device cpu")
-    elif dev.type != "cpu":
-        backend = getattr(torch, dev.type, None)
-        if not (hasattr(backend, "is_available") and backend.is_available()):
-            raise RCCError(f"--device {name}: no {dev.type} device is available here; use cpu or cuda")
-    return name
-
-
-def _load(args):
-    from .loading import load_model
-
-    device = _device(args.device)
-    model = load_model(args.model, base_model=args.base_model, dtype=_dtype(args.dtype, device),
-                       device=device, window=args.window, ratio=args.ratio)
-    if not model.config.trained:
-        print(
-            f"rcc: warning: {args.model} gives an UNTRAINED RCC model (fresh G and A_i); its answers are "
-            "meaningless until it is trained with `rcc train`",
-            file=sys.stderr,
-        )
-    return model, device
 
 
 def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = False):
@@ -113,58 +60,18 @@ def _compress(model, device: str, ids, batch: int, prefix=None, quiet: bool = Fa
     return memory
 
 
-def _generation_options(args) -> dict:
-    """``generate`` options from the command line, checked (before any model is loaded).
-
-    Raises:
-        RCCError: for a value ``generate`` would refuse or misuse.
-    """
-    import math
-
-    def bad(flag: str, value, want: str) -> RCCError:
-        return RCCError(f"--{flag} {value}: must be {want}")
-
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise bad("max-new-tokens", args.max_new_tokens, "at least 1")
-    checks = {"temperature": (lambda x: x > 0, "a positive number, e.g. 0.7"),
-              "top_p": (lambda x: 0 < x <= 1, "in (0, 1], e.g. 0.9"),
-              "repetition_penalty": (lambda x: x > 0, "a positive number, e.g. 1.1 (1 is none)")}
-    for key, (ok, want) in checks.items():
-        value = getattr(args, key)
-        if value is not None and not (math.isfinite(value) and ok(value)):
-            raise bad(key.replace("_", "-"), value, want)
-    if args.top_k is not None and args.top_k < 0:
-        raise bad("top-k", args.top_k, "0 (off) or more")
-    if args.stop and not all(args.stop):
-        raise RCCError("--stop: a stop string must not be empty")
-    opts = {"max_new_tokens": args.max_new_tokens}
-    if args.do_sample or args.temperature is not None or args.top_p is not None or args.top_k is not None:
-        opts["do_sample"] = True
-        for k in ("temperature", "top_p", "top_k"):
-            if getattr(args, k) is not None:
-                opts[k] = getattr(args, k)
-    if args.repetition_penalty is not None:
-        opts["repetition_penalty"] = args.repetition_penalty
-    if args.stop:
-        opts["stop_strings"] = args.stop
-    return opts
-
-
 def _check_args(args) -> None:
-    """Options every command shares, checked before any command does work (and
-    before the slow model load): the device, window batch size, generation options.
+    """Options every command shares, checked before any command does work (and before
+    the slow model load): the device, window batch size, generation options.
 
     Raises:
         RCCError: on the first bad option.
     """
-    if getattr(args, "device", None) is not None:
-        _device(args.device)
-    if getattr(args, "window_batch_size", 1) < 1:
-        raise RCCError(f"--window-batch-size {args.window_batch_size}: must be at least 1")
-    if hasattr(args, "temperature"):
-        _generation_options(args)
-    elif getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
-        raise RCCError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    from .generation import options_from_args
+    from .loading import check_model_arguments
+
+    check_model_arguments(args)
+    options_from_args(args)
 
 
 # --------------------------------------------------------------- commands
@@ -173,6 +80,7 @@ def cmd_ask(args) -> int:
     import torch
 
     from .ask import ask
+    from .generation import options_from_args
     from .memory import CompressedContext
 
     if (args.context is None) == (args.memory is None):
@@ -182,10 +90,10 @@ def cmd_ask(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     context = read_text(args.context) if args.context is not None else CompressedContext.load(args.memory)
-    model, device = _load(args)
+    model, device = load_from_args(args)
     if model.tokenizer is None:
         raise RCCError(f"{args.model} has no tokenizer; pass --base-model with a tokenizer")
-    opts = _generation_options(args)
+    opts = options_from_args(args)
     if args.stream:
         from transformers import TextStreamer
 
@@ -212,7 +120,7 @@ def cmd_compress(args) -> int:
 
     output = check_writable(args.output)  # before the slow part, not after it
     context = read_text(args.context)
-    model, device = _load(args)
+    model, device = load_from_args(args)
     if model.tokenizer is None:
         raise RCCError(f"{args.model} has no tokenizer; pass --base-model with a tokenizer")
     ids = model.tokenizer(context, add_special_tokens=False, return_tensors="pt").input_ids
@@ -286,8 +194,8 @@ def cmd_bench(args) -> int:
     """Measure RCC against its uncompressed backbone: memory, compression time, TTFT, decode speed."""
     from .bench import command
 
-    device = _device(args.device)
-    return command(args, device, str(_dtype(args.dtype, device)).replace("torch.", ""))
+    device = resolve_device(args.device)
+    return command(args, device, str(resolve_dtype(args.dtype, device)).replace("torch.", ""))
 
 
 # ------------------------------------------------------------------ parser
@@ -302,13 +210,7 @@ def _ask_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("reconstruct", "manual"),
                    help="instruction mode (default: manual with --memory, else the model's own: "
                         "reconstruct, or manual for a model fine-tuned in manual mode only)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _lazy("rcc.generation:add_arguments")(p)
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="print a JSON object")
@@ -351,8 +253,8 @@ class Command(NamedTuple):
 _MODEL_API, _MODEL_ALIASES = ("rcc.loading:load_model",), {"model": "spec"}
 COMMANDS: dict[str, Command] = {
     "ask": Command(cmd_ask, _ask_args, "answer a question about a long context",
-                   ("rcc.ask:ask", "transformers:GenerationConfig", "torch:manual_seed", *_MODEL_API),
-                   {**_MODEL_ALIASES, "memory": "context", "stop": "stop_strings"}),
+                   ("rcc.ask:ask", "rcc.generation:generation_options", "torch:manual_seed", *_MODEL_API),
+                   {**_MODEL_ALIASES, "memory": "context"}),
     "compress": Command(cmd_compress, _compress_args, "compress a context into a reusable memory file",
                         ("rcc.io:read_text", "rcc.model:RCCModel.compress", "rcc.memory:CompressedContext.save",
                          *_MODEL_API),
@@ -369,7 +271,8 @@ COMMANDS: dict[str, Command] = {
                      "build synthetic pass-key / needle / extract records from prose",
                      ("rcc.synth:read_prose", "rcc.synth:make_records", "rcc.synth:write_records",
                       "rcc.data:load_tokenizer"), {"kinds": "weights", "output": "path", "tokenizer": "spec"}),
-    "eval": Command(lambda args: _lazy("rcc.eval.runner:command")(args, _load), _lazy("rcc.eval.config:add_arguments"),
+    "eval": Command(lambda args: _lazy("rcc.eval.runner:command")(args, load_from_args),
+                    _lazy("rcc.eval.config:add_arguments"),
                     "evaluate: passkey, needle, reconstruct or qa, with --baseline for the baselines",
                     ("rcc.eval:run_eval", "rcc.eval:EvalConfig", "rcc.eval.plot:plot_result", *_MODEL_API),
                     {**_MODEL_ALIASES, "baseline": "baselines", "plot": "path"}),
@@ -411,11 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
-    if argv[at : at + 2] == ["bench", "train"]:  # `rcc bench train CONFIG`: training speed (rcc/bench_train.py)
-        argv[at : at + 2] = ["bench-train"]
-    args = parser.parse_args(argv)
+    # `rcc bench train CONFIG` is bench-train (rcc/bench_train.py)
+    args = parser.parse_args(_lazy("rcc.bench_train:route")(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 2

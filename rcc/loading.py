@@ -79,3 +79,70 @@ def add_model_arguments(p, window_batch_size: int = 8,
                    help=f"ratio of a fresh model (default {RCCConfig.ratio})")
     p.add_argument("--window-batch-size", type=int, default=window_batch_size, help=batch_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def resolve_device(name: str) -> str:
+    """``--device`` checked against this machine (before any model is loaded);
+    ``"auto"`` is ``"cuda"`` when a CUDA GPU is here, else ``"cpu"``.
+
+    Raises:
+        RCCError: for a name torch does not know or a device that is not here.
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RCCError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RCCError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RCCError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise RCCError(f"--device {name}: no Apple GPU is available here; use --device cpu")
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise RCCError(f"--device {name}: no {dev.type} device is available here; use cpu or cuda")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``--dtype`` (one of :data:`DTYPES`) on ``device``: ``"auto"`` is bfloat16 on a GPU, float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def check_model_arguments(args) -> None:
+    """The options of :func:`add_model_arguments` a namespace has, checked before the
+    slow model load: ``--device`` (:func:`resolve_device`), ``--window-batch-size``.
+
+    Raises:
+        RCCError: on the first bad option.
+    """
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+    if getattr(args, "window_batch_size", 1) < 1:
+        raise RCCError(f"--window-batch-size {args.window_batch_size}: must be at least 1")
+
+
+def load_from_args(args) -> tuple[RCCModel, str]:
+    """:func:`load_model` with the options of :func:`add_model_arguments`; warns (stderr)
+    when the model is untrained. Returns ``(model, device)``."""
+    import sys
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, base_model=args.base_model, dtype=resolve_dtype(args.dtype, device),
+                       device=device, window=args.window, ratio=args.ratio)
+    if not model.config.trained:
+        print(f"rcc: warning: {args.model} gives an UNTRAINED RCC model (fresh G and A_i); its answers are "
+              "meaningless until it is trained with `rcc train`", file=sys.stderr)
+    return model, device

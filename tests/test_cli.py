@@ -230,6 +230,26 @@ def test_cli_table_is_the_python_api():
     assert "eval" in COMMANDS and set(_options(COMMANDS["eval"].add_args)) == {"passkey", "needle", "reconstruct", "qa"}
 
 
+def test_generation_options_become_generate_arguments():
+    """The library half of `rcc ask`'s options (rcc/generation.py): checked, then generate's names."""
+    from rcc.errors import RCCError
+    from rcc.generation import generation_options
+
+    assert generation_options() == {"max_new_tokens": 128}
+    assert generation_options(top_p=0.9, stop=["\n"], repetition_penalty=1.1) == {
+        "max_new_tokens": 128, "do_sample": True, "top_p": 0.9, "repetition_penalty": 1.1, "stop_strings": ["\n"]}
+    with pytest.raises(RCCError, match="--top-k -1"):
+        generation_options(top_k=-1)
+
+
+def test_bench_train_is_routed_to_its_command():
+    from rcc.bench_train import route
+
+    assert route(["-v", "bench", "train", "c.yaml"]) == ["-v", "bench-train", "c.yaml"]
+    assert route(["bench", "--lengths", "2k"]) == ["bench", "--lengths", "2k"]
+    assert route(["ask", "-q", "bench"]) == ["ask", "-q", "bench"]
+
+
 # ------------------------------------------------ reliability audit (issue 12)
 @pytest.mark.slow  # several `rcc` processes, each importing torch
 def test_unwritable_output_is_refused_before_anything_is_loaded(tmp_path):
