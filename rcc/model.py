@@ -259,16 +259,8 @@ class RCCModel(nn.Module):
     def iter_slots(
         self, context_ids: torch.Tensor, window_batch_size: int | None = None
     ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Yield projected slots a batch of windows at a time, in context order
-        (:func:`rcc.slots.iter_slots`).
-
-        Args:
-            context_ids: ``[batch, n]``.
-            window_batch_size: windows of each context encoded together (None: all).
-        Yields:
-            ``(embeds [batch, j*k, H_D], additions: L_D x [batch, j*k, H_D])`` for
-            consecutive groups of j windows.
-        """
+        """Projected slots of ``context_ids [batch, n]``, a batch of windows at a time, in
+        context order; shapes and arguments as in :func:`rcc.slots.iter_slots`."""
         return slots.iter_slots(self, context_ids, window_batch_size)
 
     def _check_context(self, context_ids) -> torch.Tensor:

@@ -108,3 +108,24 @@ def reference_model(fixture_dir):
 
     return RCCModel.from_original(str(fixture_dir / "model.safetensors"), base_model=str(fixture_dir / "config.json"),
                                   dtype=torch.float64)
+
+
+TINY_VOCAB = 64  # vocabulary of the tiny random backbones the training tests build
+
+
+def write_tokens(folder: Path) -> str:
+    """A prepared token folder: 64 training and 8 evaluation documents of 80 random ids below TINY_VOCAB."""
+    import numpy as np
+
+    from rcc.data import write_token_folder
+
+    rng = np.random.default_rng(0)
+    write_token_folder(folder, {"train": [rng.integers(1, TINY_VOCAB, 80) for _ in range(64)],
+                                "eval": [rng.integers(1, TINY_VOCAB, 80) for _ in range(8)]}, TINY_VOCAB)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    """:func:`write_tokens` in a temporary folder (the training tests' data)."""
+    return write_tokens(tmp_path_factory.mktemp("tokens"))

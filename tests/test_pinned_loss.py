@@ -31,7 +31,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 VOCAB = 64
@@ -79,16 +78,6 @@ PINNED = {
 }
 
 
-def write_tokens(folder: Path) -> str:
-    """A prepared token folder: 64 training and 8 evaluation documents of 80 random ids."""
-    from rcc.data import write_token_folder
-
-    rng = np.random.default_rng(0)
-    write_token_folder(folder, {"train": [rng.integers(1, VOCAB, 80) for _ in range(64)],
-                                "eval": [rng.integers(1, VOCAB, 80) for _ in range(8)]}, VOCAB)
-    return str(folder)
-
-
 def run_case(name: str, tokens: str, output_dir: Path, extra: dict) -> list[float]:
     """Train case ``name`` and return its logged losses: steps 1..max_steps, then the eval loss."""
     from rcc.train import train
@@ -103,11 +92,6 @@ def run_case(name: str, tokens: str, output_dir: Path, extra: dict) -> list[floa
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) == 1
     return losses + evals
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    return write_tokens(tmp_path_factory.mktemp("tokens"))
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -136,6 +120,7 @@ if __name__ == "__main__":  # regenerate PINNED (see the module docstring)
     import tempfile
 
     import torch
+    from conftest import write_tokens  # this folder is the script's first path entry
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 from rcc import RCCError, RCCModel
 from rcc.cli import main
-from rcc.data import write_token_folder
 from rcc.train import checkpoints, lr_factor, train, training_loss
 from rcc.train_model import build_model, param_groups
 from rcc.train_config import SECTION_OF, TrainConfig
@@ -29,15 +28,6 @@ BACKBONE = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermedia
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("tokens")
-    write_token_folder(folder, {"train": [rng.integers(1, VOCAB, 80) for _ in range(64)],
-                                "eval": [rng.integers(1, VOCAB, 80) for _ in range(8)]}, VOCAB)
-    return str(folder)
 
 
 def tiny(tokens, out, **over):

@@ -15,14 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from rcc import RCCError, RCCModel
 from rcc.cli import main
-from rcc.data import write_token_folder
 from rcc.train import checkpoints, train
 from rcc.train_config import SECTION_OF
 from rcc.train_state import MANIFEST
@@ -35,15 +33,6 @@ BACKBONE = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermedia
 ACCELERATE_PICKLES = ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("tokens")
-    write_token_folder(folder, {"train": [rng.integers(1, VOCAB, 80) for _ in range(64)],
-                                "eval": [rng.integers(1, VOCAB, 80) for _ in range(8)]}, VOCAB)
-    return str(folder)
 
 
 def tiny(tokens, out, **over):
