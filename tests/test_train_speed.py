@@ -13,7 +13,7 @@ from rcc import RCCError, RCCModel
 from rcc.train import train, training_loss
 from rcc.train_model import _gathered_model, build_model, compile_layers, resolve_frozen_dtype, store_frozen
 from rcc.train_config import TrainConfig
-from tests.test_train import tiny, tokens  # noqa: F401 (a fixture)
+from tests.test_train import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
