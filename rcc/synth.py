@@ -10,7 +10,21 @@ Each record has PwC fields (``input``, ``prompt``, ``answer``; see
 - ``needle``: a templated fact with random names and values hidden in prose,
   and the question about it;
 - ``extract``: a prose sentence hidden in other prose; the question gives its
-  first words and the answer is how it goes on.
+  first words and the answer is how it goes on (the answer is a span of the context);
+- ``fact``: a fact whose value is free, not a template's: a sentence or phrase
+  from the prose, a full name, a number of 1 to 9 digits (with decimals or
+  separators at times), hidden in prose, and the question about it;
+- ``multikey``: 2 to 5 labelled pass keys ("The pass key of the red door is
+  12345.") in prose or filler; the question asks for one of them;
+- ``multineedle``: 2 to 5 ``fact``/``needle`` facts in prose; the question asks for one;
+- ``reconstruct``: pre-tokenized (``context_ids``, ``input_ids``, ``labels``):
+  compress a stretch of text, then continue a cue taken from it (the stage-1
+  objective, as ``rcc eval reconstruct`` asks it);
+- ``continue``: pre-tokenized: compress a stretch of text, then write the tokens
+  that follow it.
+
+A third of the ``reconstruct`` and ``continue`` texts are number-rich lines
+(inventories, timetables, hex codes: digit order matters) instead of prose.
 
 Context lengths are log-uniform in ``[min_tokens, max_tokens]`` (tokens of
 the model's tokenizer), depths uniform in [0, 1].
@@ -30,7 +44,9 @@ from . import haystack
 from .haystack import build_haystack, split_sentences
 from .io import atomic_write_text
 
-RECORD_KINDS = ("passkey", "needle", "extract")
+RECORD_KINDS = ("passkey", "needle", "extract", "fact", "multikey", "multineedle", "reconstruct", "continue")
+CUE_TOKENS = 16
+TARGET_TOKENS = 64
 
 NAMES = ("Ada", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca",
          "Maya", "Nils", "Omar", "Priya", "Quentin", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wen", "Yusuf", "Zoe")
@@ -61,6 +77,103 @@ def _needle(rng: random.Random) -> tuple[str, str, str]:
               "place": rng.choice(PLACES), "year": str(rng.randint(1700, 2020)),
               "word": rng.choice(THINGS) + rng.choice(("wood", "stone", "light", "fall", "berry", "field"))}
     return tuple(part.format(**values) for part in rng.choice(TEMPLATES))  # type: ignore[return-value]
+
+
+SURNAMES = ("Okafor", "Lindqvist", "Moreau", "Tanaka", "Kowalski", "Haddad", "Ferreira", "Novak", "Osei",
+            "Brennan", "Castillo", "Ivanova", "Mehta", "Schulz", "Dubois", "Nakamura", "Quist", "Varga")
+FACT_FORMS = (  # (sentence, question) with {subject} and {value}
+    ("The note left on the {subject} reads: {value}", "What does the note left on the {subject} read?"),
+    ("The password for the {subject} is {value}.", "What is the password for the {subject}?"),
+    ("The person in charge of the {subject} is {value}.", "Who is in charge of the {subject}?"),
+    ("The serial number of the {subject} is {value}.", "What is the serial number of the {subject}?"),
+    ("According to the log, the {subject} was last seen near {value}.",
+     "According to the log, where was the {subject} last seen?"),
+)
+KEY_LABELS = ("red door", "blue gate", "north tower", "old vault", "east wing", "green locker", "cellar hatch",
+              "back office", "main server", "garden shed")
+
+
+def _number(rng: random.Random) -> str:
+    digits = rng.randint(1, 9)
+    n = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+    style = rng.random()
+    if style < 0.15 and digits > 3:
+        return f"{int(n):,}"
+    if style < 0.3 and digits > 2:
+        return f"{n[:-2]}.{n[-2:]}"
+    return n
+
+
+def _free_value(rng: random.Random, sentences: list[str], form: int) -> str:
+    """A value that no template fixes: a sentence or phrase of the prose, a full name, a number."""
+    if form == 0:
+        words = rng.choice(sentences).split()
+        return " ".join(words[:rng.randint(4, 12)]).rstrip(".,;:") + "."
+    if form == 2:
+        return f"{rng.choice(NAMES)} {rng.choice(SURNAMES)}"
+    if form == 3:
+        return rng.choice(("", "SN-", "#")) + _number(rng)
+    words = [w.strip(".,;:()\"'") for w in rng.choice(sentences).split()]
+    words = [w for w in words if w] or ["the", "harbour"]
+    at = rng.randrange(len(words))
+    return " ".join(words[at: at + rng.randint(2, 4)])
+
+
+def _fact(rng: random.Random, sentences: list[str]) -> tuple[str, str, str]:
+    form = rng.randrange(len(FACT_FORMS))
+    subject = f"{rng.choice(COLOURS)} {rng.choice(THINGS)}" if rng.random() < 0.5 else rng.choice(PLACES)
+    value = _free_value(rng, sentences, form)
+    sentence, question = FACT_FORMS[form]
+    return sentence.format(subject=subject, value=value), question.format(subject=subject), value.rstrip(".")
+
+
+def _number_lines(rng: random.Random, tokens: int) -> str:
+    """Number-rich text of about ``tokens`` tokens: inventories, timetables, codes."""
+    lines = []
+    while len(lines) * 14 < tokens:
+        kind = rng.randrange(3)
+        if kind == 0:
+            lines.append(f"Item {rng.randint(1000, 99999)}: {rng.randint(1, 999)} units of {rng.choice(THINGS)} "
+                         f"at {rng.randint(1, 500)}.{rng.randint(0, 99):02d} each.")
+        elif kind == 1:
+            lines.append(f"Train {rng.randint(10, 9999)} leaves {rng.choice(CITIES)} at {rng.randint(0, 23):02d}:"
+                         f"{rng.randint(0, 59):02d} from platform {rng.randint(1, 24)}.")
+        else:
+            lines.append(f"Code {rng.randint(0, 0xFFFFFF):06X} maps to {rng.randint(0, 10 ** 6)} "
+                         f"({rng.choice(NAMES)}, {rng.randint(1700, 2030)}).")
+    return " ".join(lines)
+
+
+def _text_ids(rng: random.Random, sentences: list[str], tokenizer, tokens: int) -> list[int]:
+    """``tokens`` token ids of prose (two thirds) or number-rich lines (one third)."""
+    if rng.random() < 1 / 3:
+        text = _number_lines(rng, tokens + 64)
+    else:
+        start = rng.randrange(len(sentences))
+        text, n = [], 0
+        while n < 6 * tokens + 400:
+            text.append(sentences[(start + len(text)) % len(sentences)])
+            n += len(text[-1])
+        text = " ".join(text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < tokens:
+        ids = ids + ids
+    return ids[:tokens]
+
+
+def _pretokenized(kind: str, rng: random.Random, sentences: list[str], tokenizer, length: int) -> dict:
+    """A ``reconstruct`` or ``continue`` record: ``context_ids [length]``, decoder
+    ``input_ids [m]`` and ``labels [m]`` (-100: the cue, not counted)."""
+    if kind == "reconstruct":
+        ctx = _text_ids(rng, sentences, tokenizer, length)
+        at = rng.randrange(length - CUE_TOKENS - TARGET_TOKENS + 1)
+        ids = ctx[at: at + CUE_TOKENS + TARGET_TOKENS]
+        labels = [-100] * CUE_TOKENS + ids[CUE_TOKENS:]
+    else:
+        ids_all = _text_ids(rng, sentences, tokenizer, length + TARGET_TOKENS)
+        ctx, ids = ids_all[:length], ids_all[length:]
+        labels = list(ids)
+    return {"context_ids": ctx, "input_ids": ids, "labels": labels}
 
 
 def read_prose(inputs: list[str]) -> list[str]:
@@ -111,6 +224,11 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
         kind = rng.choices(kinds, shares)[0]
         length = int(round(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens)))))
         depth = rng.random()
+        if kind in ("reconstruct", "continue"):  # one to two windows' worth of text at most
+            length = max(CUE_TOKENS + TARGET_TOKENS, min(length, 2 * min_tokens))
+            record = _pretokenized(kind, rng, sentences, tokenizer, length)
+            yield {**record, "task": kind, "tokens": length, "id": f"{kind}-{n}"}
+            continue
         start = rng.randrange(len(sentences))
         prose = sentences[start: start + length // 6 + 64]  # more than enough sentences; cycled when short
         instruction = ""
@@ -122,6 +240,21 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
                 prose = list(haystack.PASSKEY_FILLER)
         elif kind == "needle":
             needle, question, answer = _needle(rng)
+        elif kind == "fact":
+            needle, question, answer = _fact(rng, sentences)
+        elif kind == "multikey":
+            labels = rng.sample(KEY_LABELS, rng.randint(2, 5))
+            keys = [str(rng.randint(10000, 99999)) for _ in labels]
+            asked = rng.randrange(len(labels))
+            needle = f"The pass key of the {labels[asked]} is {keys[asked]}. Remember it."
+            question, answer = f"What is the pass key of the {labels[asked]}?", keys[asked]
+            prose = list(haystack.PASSKEY_FILLER) if rng.random() < 0.5 else list(prose)
+            prose = _with_distractors(rng, prose, [f"The pass key of the {lab} is {key}."
+                                                   for i, (lab, key) in enumerate(zip(labels, keys)) if i != asked], length)
+        elif kind == "multineedle":
+            facts = [_fact(rng, sentences) if rng.random() < 0.6 else _needle(rng) for _ in range(rng.randint(2, 5))]
+            needle, question, answer = facts[0]
+            prose = _with_distractors(rng, list(prose), [f[0] for f in facts[1:]], length)
         else:
             words = sentences[rng.choice(long_enough)].split()
             cue = rng.randint(3, 6)
@@ -134,6 +267,16 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
             hs = build_haystack(tokenizer, prose, needle, max(length, 4 * min_tokens), depth, instruction=instruction)
         yield {"input": hs.text, "prompt": question, "answer": answer, "task": kind, "tokens": hs.tokens,
                "depth": round(hs.depth, 4), "id": f"{kind}-{n}"}
+
+
+def _with_distractors(rng: random.Random, prose: list[str], sentences: list[str], length: int) -> list[str]:
+    """``prose``, cycled to more sentences than ``length`` tokens hold, with each of
+    ``sentences`` inserted at a seeded place among those a ``length``-token haystack uses."""
+    want = length // 3 + 16
+    prose = (list(prose) * (want // max(1, len(prose)) + 1))[:max(want, len(prose))]
+    for sentence in sentences:
+        prose.insert(rng.randrange(max(1, length // 40)), sentence)
+    return prose
 
 
 def parse_weights(text: str) -> dict[str, float]:

@@ -68,6 +68,59 @@ def test_the_cli_writes_records_the_fine_tuning_loader_reads(prose, tmp_path):
         assert target == r["answer"] + "<|im_end|>"
 
 
+MIXED = {"fact": 1, "multikey": 1, "multineedle": 1, "reconstruct": 1, "continue": 1}
+
+
+def test_the_mixed_recipe_kinds(prose):
+    """The generalist recipe's kinds: free-valued facts, several labelled keys or
+    facts of which one is asked, and pre-tokenized reconstruction / continuation."""
+    tok = tiny_tokenizer()
+    sentences = read_prose([str(prose)])
+    records = list(make_records(sentences, tok, count=80, weights=MIXED, min_tokens=150, max_tokens=900, seed=7))
+    assert set(Counter(r["task"] for r in records)) == set(MIXED)
+    values, several = set(), []
+    for r in records:
+        if r["task"] in ("reconstruct", "continue"):
+            ctx, ids, labels = r["context_ids"], r["input_ids"], r["labels"]
+            assert len(ctx) == r["tokens"] <= 300 and len(ids) == len(labels)
+            counted = [t for t, lab in zip(ids, labels) if lab != -100]
+            assert counted == [lab for lab in labels if lab != -100] and len(counted) == 64
+            text, cue = tok.decode(ctx), tok.decode(ids[:16])
+            if r["task"] == "reconstruct":  # cue and target are a stretch of the compressed text
+                assert labels[:16] == [-100] * 16 and tok.decode(ids) in text
+            else:  # the target follows the context, it is not in it
+                assert labels == ids
+            continue
+        assert r["answer"] and r["answer"] in r["input"]
+        if r["task"] == "multikey":
+            label = r["prompt"].split("pass key of the ")[1].rstrip("?")
+            keys = dict(m for m in __import__("re").findall(r"The pass key of the ([a-z ]+) is (\d{5})", r["input"]))
+            assert keys[label] == r["answer"] and len(keys) >= 2  # the others are distractors
+        if r["task"] == "multineedle":
+            asked = sum(r["input"].count(form) for form in ("in charge of", "password for", "serial number",
+                        "note left", "last seen", "favourite city", "magic number", "secret word", "meeting with",
+                        "hid the", "code to open", "was born"))
+            several.append(asked >= 2)  # a short haystack may drop a distractor; most keep them
+        if r["task"] == "fact":
+            values.add(r["answer"])
+    assert len(values) == sum(r["task"] == "fact" for r in records)  # free values: no two alike
+    assert sum(several) >= 0.7 * len(several)
+
+
+def test_pretokenized_records_load_for_fine_tuning(prose, tmp_path):
+    tok = tiny_tokenizer()
+    out = tmp_path / "mixed.jsonl"
+    records = list(make_records(read_prose([str(prose)]), tok, count=12, weights={"reconstruct": 1, "continue": 1},
+                                min_tokens=100, max_tokens=300, seed=1))
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples, report = load_examples(str(out), tok, mode="mixed", window=64, max_windows=8, max_decoder_tokens=128,
+                                     answer_suffix="<|im_end|>", progress=False)
+    assert report.kept == 12
+    for ex, r in zip(examples, records):
+        assert list(ex.context[:len(r["context_ids"])]) == r["context_ids"]
+        assert list(ex.labels) == r["labels"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kinds", "passkey=1,haystack=2"], "unknown record kind 'haystack'"),
     (["--kinds", "passkey=x"], "is not KIND=SHARE"),
