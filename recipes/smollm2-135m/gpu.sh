@@ -6,6 +6,7 @@
 #   here:        bash recipes/smollm2-135m/gpu.sh pack            # .gpu/: GGUF pieces, wheel, tokens
 #   GPU, 1..N:   bash recipes/smollm2-135m/gpu.sh stash PIECE     # one call per piece, carry .gpu/PIECE
 #   GPU:         bash recipes/smollm2-135m/gpu.sh bench           # old vs new step, random SmolLM2 shapes
+#   GPU:         bash recipes/smollm2-135m/gpu.sh synth [COUNT]      # mixed records for gpu-mixed.yaml
 #   GPU:         bash recipes/smollm2-135m/gpu.sh train [CONFIG] [section.key=value ...]
 #   here:        bash recipes/smollm2-135m/gpu.sh unpack FILES_DIR runs/smollm2-135m/gpu/final
 #
@@ -46,6 +47,7 @@ pack)
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux2014_x86_64 -d "$PACK/wheels" gguf==0.19.0
   tar -cf "$PACK/wheels.tar" -C "$PACK" wheels gguf.sha256 && rm -rf "$PACK/wheels" "$PACK/gguf.sha256"
+  if [ -d data/smollm2-135m/prose/train ]; then tar -czf "$PACK/prose.tar.gz" -C data/smollm2-135m prose/train; fi
   if [ -d data/smollm2-135m/tokens ]; then tar -cf "$PACK/tokens.tar" -C data/smollm2-135m tokens
   else echo "no data/smollm2-135m/tokens: run recipes/smollm2-135m/data.sh first (or bench only)" >&2; fi
   ls -l "$PACK"
@@ -56,6 +58,7 @@ stash)  # on the GPU machine: move one carried piece out of the tree
   piece=$PACK/$2
   case "$piece" in
     */wheels.tar) tar -xf "$piece" -C "$STASH" ;;
+    */prose.tar.gz) tar -xzf "$piece" -C "$STASH" ;;
     *) cp "$piece" "$STASH/" ;;
   esac
   ls -l "$STASH"
@@ -65,6 +68,19 @@ bench)  # the stage-1 step before and after the speed work, SmolLM2's shapes wit
   $PY -m rcc.cli bench train recipes/smollm2-135m/pretrain.yaml \
       'model.backbone={model_type: llama, vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 8192, rope_theta: 100000, rms_norm_eps: 1.0e-5, tie_word_embeddings: true}' \
       --random-data --compare legacy --steps "${STEPS:-10}" --warmup 2 -o "${OUT:-runs}/bench-train-gpu.json" "${@:2}"
+  ;;
+synth)  # on the GPU machine: the generalist mix of gpu-mixed.yaml, one process per core
+  site
+  count=${2:-24000}; jobs=$(nproc); out=data/smollm2-135m/mixed-gpu.jsonl
+  mkdir -p data/smollm2-135m/parts; pids=()
+  for i in $(seq 1 "$jobs"); do
+    $PY -m rcc.cli synth "$STASH/prose/train" -o "data/smollm2-135m/parts/$i.jsonl" --tokenizer embedded:smollm2 \
+        --count $((count / jobs)) --min-tokens 300 --max-tokens 32k --seed $((100 + i)) \
+        --kinds passkey=0.2,multikey=0.1,needle=0.1,fact=0.2,multineedle=0.1,extract=0.1,reconstruct=0.1,continue=0.1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed part stops here
+  cat data/smollm2-135m/parts/*.jsonl > "$out.tmp" && mv "$out.tmp" "$out" && wc -l "$out"
   ;;
 train)  # on the GPU machine, after every stash call
   site
