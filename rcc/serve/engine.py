@@ -477,6 +477,15 @@ def _stack(memories: list[CompressedContext]) -> CompressedContext:
 
 def load_engine(cfg: ServeConfig) -> Engine:
     """Load the model named by ``cfg.model`` and open the store (not yet started)."""
+    return Engine(load_serve_model(cfg), Store(cfg.store), cfg)
+
+
+def load_serve_model(cfg: ServeConfig):
+    """The :class:`~rcc.RCCModel` ``cfg`` names, on its device and dtype, in eval mode.
+
+    Raises:
+        RCCError: for a device that is not here, or a model that cannot be loaded.
+    """
     from ..loading import load_model
 
     if cfg.device == "auto":
@@ -492,8 +501,4 @@ def load_engine(cfg: ServeConfig) -> Engine:
     model = load_model(cfg.model, dtype=dtype, device=device)
     if not model.config.trained:
         log.warning("%s is an UNTRAINED RCC model; its answers are meaningless until it is trained", cfg.model)
-    if cfg.engine == "vllm":
-        from ..vllm.engine import VLLMEngine
-
-        return VLLMEngine(model.eval(), cfg)
-    return Engine(model.eval(), Store(cfg.store), cfg)
+    return model.eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import RCCError
 from ..prompts import build, split_answer
-from ..serve.engine import Engine, Question, ServeError, _finished, visible_answer
+from ..serve.engine import Engine, Question, ServeError, _finished, load_serve_model, visible_answer
 from ..serve.store import Store
 from .export import export_decoder, rcc_section
 from .generate import answer_length, engine_args, eos_for, prompt_for, sampling_for
@@ -185,3 +185,13 @@ class VLLMEngine(Engine):
         shutdown = getattr(self.llm, "shutdown", None) or getattr(getattr(self.llm, "engine_core", None), "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+
+def load_vllm_engine(cfg) -> VLLMEngine:
+    """``rcc serve --engine vllm``: the model ``cfg`` names, its decoder exported under the
+    store and started in vLLM (not yet the worker thread).
+
+    Raises:
+        RCCError: for a model that cannot be loaded or a decoder the plugin does not serve.
+    """
+    return VLLMEngine(load_serve_model(cfg), cfg)
