@@ -104,3 +104,55 @@ def test_vllm_engine_refuses_a_decoder_it_does_not_serve(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("rcc: error: the vLLM plugin serves RCC decoders of type llama") and "'gpt_neox'" in last
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow  # a `vllm serve` process (about 1 min)
+def test_plain_vllm_serve_answers_through_the_plugin_and_refuses_another_models_memory(tmp_path):
+    """The documented `vllm serve` command line with the OpenAI client (docs/vllm.md)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import openai
+
+    from rcc.ask import ask
+    from rcc.vllm.export import export_decoder
+    from rcc.vllm.slot_memory import compress_slots
+    from tests.serve_helpers import free_port
+
+    model = tiny_vllm_rcc()
+    folder = export_decoder(model, tmp_path / "tiny")
+    port = free_port()
+    log = open(tmp_path / "vllm.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--enable-mm-embeds",
+                             "--enforce-eager", "--block-size", "32", "--max-model-len", "512", "--host",
+                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                if request(f"http://127.0.0.1:{port}/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        ids = model.tokenizer(DOC.read_text(), add_special_tokens=False, return_tensors="pt").input_ids
+
+        def chat(memory):
+            reply = client.chat.completions.create(
+                model=str(folder), temperature=0, max_tokens=16, extra_body={"skip_special_tokens": False},
+                messages=[{"role": "user", "content": [memory.chat_part(), {"type": "text", "text": QUESTION}]}])
+            return reply.choices[0].message.content
+
+        ref = ask(model, model.compress(ids), QUESTION, mode="manual", max_new_tokens=16)
+        assert chat(compress_slots(model, ids)).strip() == ref.answer
+        with pytest.raises(openai.BadRequestError, match="made by another RCC model"):
+            chat(compress_slots(tiny_vllm_rcc(seed=4), ids))
+        assert chat(compress_slots(model, ids)).strip() == ref.answer  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -15,7 +15,7 @@ import torch
 from .. import adapters
 from ..errors import RCCError
 from ..io import atomic_save_file, atomic_write_text, write_json
-from ..prompts import ASSISTANT, HEADER
+from ..prompts import ASSISTANT, END, HEADER
 
 ARCHITECTURE = "RCCDecoderForCausalLM"
 FORMAT = "rcc-vllm/1"
@@ -98,6 +98,11 @@ def export_decoder(model, path: str | Path, dtype: torch.dtype | None = None) ->
                   "instruction_mode": getattr(model.config, "instruction_mode", None)}
     write_json(path / "config.json", cfg)
     gen = {k: getattr(decoder.generation_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # plain `vllm serve` answers in manual mode, which ends at <|im_end|> (rcc.ask.AnswerDone) or eos
+    end = tok.convert_tokens_to_ids(END)
+    stops = [t for t in (tok.eos_token_id, end if end != tok.unk_token_id else None) if isinstance(t, int)]
+    if stops:
+        gen["eos_token_id"] = sorted(set(stops)) if len(set(stops)) > 1 else stops[0]
     write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     tok.save_pretrained(str(path))
     atomic_write_text(path / "chat_template.jinja", chat_template())
