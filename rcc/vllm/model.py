@@ -179,7 +179,7 @@ class RCCDecoderForCausalLM(nn.Module, SupportsMultiModal):
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        if modality == MODALITY:
+        if modality.startswith(MODALITY):  # "image", or "image_embeds" from the chat API
             return None  # the processor inserts the slots at the prompt's start
         raise ValueError(f"an RCC decoder reads RCC memories (sent as {MODALITY!r} items) only, not {modality!r}")
 
