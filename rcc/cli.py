@@ -287,6 +287,9 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(_lazy("rcc.serve.command:cmd_serve"), _lazy("rcc.serve.command:serve_args"),
                      "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)",
                      ("rcc.serve:ServeConfig",), {"api_key_file": "api_key"}),
+    "export-vllm": Command(_lazy("rcc.vllm.export:cmd_export"), _lazy("rcc.vllm.export:export_args"),
+                           "write a model's decoder as a folder `vllm serve` runs (the RCC vLLM plugin)",
+                           ("rcc.vllm.export:export_decoder", *_MODEL_API), {**_MODEL_ALIASES, "output": "path"}),
 }
 
 

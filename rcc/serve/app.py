@@ -334,7 +334,10 @@ def serve(cfg) -> None:
     """Load the model, recover the store, and serve until interrupted."""
     import uvicorn
 
-    from .engine import load_engine
+    if cfg.engine == "vllm":
+        from ..vllm.engine import load_vllm_engine as load_engine
+    else:
+        from .engine import load_engine
 
     engine = load_engine(cfg).start()
     app = create_app(engine)

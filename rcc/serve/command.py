@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import RCCError
-from .config import ServeConfig, default_store, read_api_key
+from .config import ENGINES, ServeConfig, default_store, read_api_key
 
 
 def serve_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,11 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="who runs the decoder: this process (transformers, default) or vLLM (needs .venv-vllm: "
+                        "bash scripts/vllm_env.sh)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vLLM engine: longest slots + prompt + answer (default: the decoder's position limit)")
 
 
 def cmd_serve(args) -> int:
@@ -48,6 +53,7 @@ def cmd_serve(args) -> int:
                       api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
                       max_context_tokens=args.max_context_tokens, max_concurrent=args.max_concurrent,
                       max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, cache_mib=args.cache_mib,
-                      window_batch_size=args.window_batch_size, device=args.device, dtype=args.dtype)
+                      window_batch_size=args.window_batch_size, device=args.device, dtype=args.dtype,
+                      engine=args.engine, max_model_len=args.max_model_len)
     serve(cfg)
     return 0

@@ -9,6 +9,8 @@ from pathlib import Path
 from ..bundled import DEFAULT_MODEL
 from ..errors import RCCError
 
+ENGINES = ("transformers", "vllm")
+
 
 def default_store() -> str:
     """``$XDG_CACHE_HOME/rcc/serve`` (``~/.cache/rcc/serve``)."""
@@ -33,6 +35,10 @@ class ServeConfig:
         window_batch_size: windows encoded per compression step (questions are
             served between steps, so a long compression does not starve them).
         device, dtype: as the CLI's (``auto``: CUDA + bfloat16 when present).
+        engine: ``transformers`` (this process runs the decoder) or ``vllm`` (the decoder
+            runs in vLLM, rcc/vllm/engine.py; needs ``bash scripts/vllm_env.sh``).
+        max_model_len: vLLM's longest sequence, slots + prompt + answer (default: the
+            decoder's ``max_position_embeddings``); longer contexts get 413.
     """
 
     model: str = DEFAULT_MODEL
@@ -48,8 +54,14 @@ class ServeConfig:
     window_batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "transformers"
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise RCCError(f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.max_model_len is not None and int(self.max_model_len) <= 0:
+            raise RCCError(f"--max-model-len must be positive; got {self.max_model_len}")
         if not self.store:
             self.store = default_store()
         for name in ("max_context_tokens", "max_concurrent", "max_batch", "max_new_tokens", "cache_mib",

@@ -182,13 +182,17 @@ class Engine:
         cfg: the :class:`ServeConfig`.
     """
 
+    #: added to the model's fingerprint in context ids: engines that keep different memories
+    #: (KV cache here, slots for vLLM) never share a store entry
+    id_suffix = ""
+
     def __init__(self, model, store: Store, cfg: ServeConfig, metrics: Metrics | None = None):
         if model.tokenizer is None:
             raise RCCError(f"{cfg.model} has no tokenizer; the server needs one to read documents and questions")
         self.model, self.store, self.cfg = model, store, cfg
         self.tok = model.tokenizer
         self.metrics = metrics or Metrics()
-        self.model_id = model.fingerprint()
+        self.model_id = model.fingerprint() + self.id_suffix
         self.cache = MemoryCache(cfg.cache_mib * 2**20)
         self._cv = threading.Condition()
         self._questions: list[Question] = []
@@ -239,16 +243,29 @@ class Engine:
                                   f"{self.cfg.max_context_tokens}; split it, or restart the server with a larger "
                                   "--max-context-tokens")
         cfg = self.model.config
-        try:
-            self.model.check_positions(cfg.slots_for(n))
-        except RCCError as err:
-            raise ServeError(413, str(err)) from None
+        self._check_fits(cfg.slots_for(n))
         self.store.add(cid, text, name, n, cfg.slots_for(n) // cfg.slots_per_window, self.model_id)
         with self._cv:
             self._cancelled.discard(cid)
             self._jobs.append(cid)
             self._cv.notify_all()
         return self.store.get(cid), True
+
+    def _check_fits(self, slots: int) -> None:
+        """Raises ServeError 413 when ``slots`` slot positions are more than the decoder takes."""
+        try:
+            self.model.check_positions(slots)
+        except RCCError as err:
+            raise ServeError(413, str(err)) from None
+
+    # the memory a context is kept as (the vLLM engine keeps the slots instead, rcc/vllm/engine.py)
+    def _make_memory(self, ids, progress=None, prefix=None):
+        return self.model.compress(ids, window_batch_size=self.cfg.window_batch_size, progress=progress, prefix=prefix)
+
+    def _load_memory(self, path):
+        mem = CompressedContext.load(path, device=self.model.device)
+        self.model.check_memory(mem)
+        return mem
 
     def delete_context(self, cid: str) -> None:
         """Raises ServeError 404 for an unknown id."""
@@ -267,11 +284,10 @@ class Engine:
         self.check_ready(cid)
         self.metrics.add("cache_misses")
         try:
-            mem = CompressedContext.load(self.store.memory_path(cid), device=self.model.device)
+            mem = self._load_memory(self.store.memory_path(cid))
         except RCCError as err:
             self.store.update(cid, status="failed", error=str(err))
             raise ServeError(409, f"context {cid}: {err}; DELETE it and POST the document again") from None
-        self.model.check_memory(mem)
         self.cache.put(cid, mem)
         return mem
 
@@ -364,7 +380,7 @@ class Engine:
             by_slots: dict[int, list] = {}
             for q in batch:
                 q_ids = self.tok("\n\n" + q.text, add_special_tokens=False, return_tensors="pt").input_ids
-                mem = self.model.compress(q_ids, window_batch_size=self.cfg.window_batch_size, prefix=memory)
+                mem = self._make_memory(q_ids, prefix=memory)
                 by_slots.setdefault(mem.num_slots, []).append((q, mem))
             groups = [(_stack([m for _, m in pairs]), [q for q, _ in pairs]) for pairs in by_slots.values()]
         for mem, qs in groups:
@@ -426,7 +442,7 @@ class Engine:
                 while self._questions:  # questions first: they wait at most one compression step
                     self._answer_batch()
 
-            memory = self.model.compress(ids, window_batch_size=self.cfg.window_batch_size, progress=progress)
+            memory = self._make_memory(ids, progress=progress)
             if cid in self._cancelled:
                 raise _Cancelled
             path = memory.save(self.store.memory_path(cid))
@@ -461,6 +477,15 @@ def _stack(memories: list[CompressedContext]) -> CompressedContext:
 
 def load_engine(cfg: ServeConfig) -> Engine:
     """Load the model named by ``cfg.model`` and open the store (not yet started)."""
+    return Engine(load_serve_model(cfg), Store(cfg.store), cfg)
+
+
+def load_serve_model(cfg: ServeConfig):
+    """The :class:`~rcc.RCCModel` ``cfg`` names, on its device and dtype, in eval mode.
+
+    Raises:
+        RCCError: for a device that is not here, or a model that cannot be loaded.
+    """
     from ..loading import load_model
 
     if cfg.device == "auto":
@@ -476,4 +501,4 @@ def load_engine(cfg: ServeConfig) -> Engine:
     model = load_model(cfg.model, dtype=dtype, device=device)
     if not model.config.trained:
         log.warning("%s is an UNTRAINED RCC model; its answers are meaningless until it is trained", cfg.model)
-    return Engine(model.eval(), Store(cfg.store), cfg)
+    return model.eval()
