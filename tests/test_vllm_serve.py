@@ -107,9 +107,6 @@ def test_vllm_engine_refuses_a_decoder_it_does_not_serve(tmp_path):
 
 
 @pytest.mark.slow  # a `vllm serve` process (about 1 min)
-@pytest.mark.xfail(strict=False, reason="open: on the tiny random model the chat answer came back '' where rcc ask "
-                   "gives '\ufffd\ufffd\ufffd' (undecodable bytes; detokenization or chat-template tokenization "
-                   "differs); the plugin path itself answers (no 400), not yet checked further")
 def test_plain_vllm_serve_answers_through_the_plugin_and_refuses_another_models_memory(tmp_path):
     """The documented `vllm serve` command line with the OpenAI client (docs/vllm.md)."""
     import os
@@ -146,17 +143,21 @@ def test_plain_vllm_serve_answers_through_the_plugin_and_refuses_another_models_
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
         ids = model.tokenizer(DOC.read_text(), add_special_tokens=False, return_tensors="pt").input_ids
 
-        def chat(memory):
+        def chat(memory) -> list[int]:
+            """The generated token ids (compared as ids: a random tiny model writes bytes that are not
+            UTF-8, which vLLM's incremental detokenizer holds back where transformers' decode writes U+FFFD)."""
             reply = client.chat.completions.create(
-                model=str(folder), temperature=0, max_tokens=16, extra_body={"skip_special_tokens": False},
+                model=str(folder), temperature=0, max_tokens=16, logprobs=True,
+                extra_body={"skip_special_tokens": False, "return_tokens_as_token_ids": True},
                 messages=[{"role": "user", "content": [memory.chat_part(), {"type": "text", "text": QUESTION}]}])
-            return reply.choices[0].message.content
+            return [int(t.token.removeprefix("token_id:")) for t in reply.choices[0].logprobs.content]
 
-        ref = ask(model, model.compress(ids), QUESTION, mode="manual", max_new_tokens=16)
-        assert chat(compress_slots(model, ids)).strip() == ref.answer
+        ref = [int(t) for t in ask(model, model.compress(ids), QUESTION, mode="manual", max_new_tokens=16).token_ids]
+        got = chat(compress_slots(model, ids))
+        assert got and got == ref[:len(got)] and len(got) == min(16, len(ref))
         with pytest.raises(openai.BadRequestError, match="made by another RCC model"):
             chat(compress_slots(tiny_vllm_rcc(seed=4), ids))
-        assert chat(compress_slots(model, ids)).strip() == ref.answer  # still serving
+        assert chat(compress_slots(model, ids)) == got  # still serving
     finally:
         proc.terminate()
         proc.wait(timeout=60)
