@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rcc.eval import EvalConfig, baselines, kvpress, run_eval
-from rcc.eval.kvpress_child import compression_ratio, run_item
+from rcc.eval.kvpress_child import compression_ratio, run_presses
 from rcc.hooks import decoder_layers
 from tests.conftest import REPO, tiny_rcc, tiny_tokenizer
 
@@ -32,37 +32,43 @@ def model(tok):
     return m
 
 
-class _NoPress:
-    """Leaves the cache alone: the child's plumbing must then equal the full baseline."""
+class _Press:
+    """A stand-in press with kvpress's interface: ``forward_hook`` prunes the
+    layer's cache it is handed; ``with press(model):`` hooks every attention layer."""
 
+    def prune(self, keys):
+        return keys
+
+    def forward_hook(self, module, args, kwargs, output):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layer = cache.layers[module.layer_idx]
+        layer.keys, layer.values = self.prune(layer.keys), self.prune(layer.values)
+        return output
+
+    @contextlib.contextmanager
     def __call__(self, model):
-        return contextlib.nullcontext()
+        handles = [lyr.self_attn.register_forward_hook(self.forward_hook, with_kwargs=True)
+                   for lyr in decoder_layers(model)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
-class _DropHalf:
+class _DropHalf(_Press):
     """Keeps the second half of every layer's pre-filled keys and values."""
 
-    def __call__(self, model):
-        @contextlib.contextmanager
-        def ctx():
-            def hook(module, args, kwargs, output):
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
-                layer = cache.layers[module.layer_idx]
-                half = layer.keys.shape[2] // 2
-                layer.keys, layer.values = layer.keys[:, :, half:], layer.values[:, :, half:]
-                return output
-
-            handles = [lyr.self_attn.register_forward_hook(hook, with_kwargs=True) for lyr in decoder_layers(model)]
-            try:
-                yield
-            finally:
-                for h in handles:
-                    h.remove()
-
-        return ctx()
+    def prune(self, keys):
+        return keys[:, :, keys.shape[2] // 2:]
 
 
-def test_child_plumbing_continues_a_pressed_cache_at_the_right_positions(model, tok):
+class _Fails(_Press):
+    def prune(self, keys):
+        raise ValueError("this press does not like\nthis model")
+
+
+def test_child_plumbing_continues_pressed_caches_at_the_right_positions(model, tok):
     from rcc.prompts import ASSISTANT, HEADER
 
     kv = kvpress.KVPressBaselines(model.decoder, tok, [kvpress.parse_spec("kvpress:x@4")], 8)
@@ -70,14 +76,23 @@ def test_child_plumbing_continues_a_pressed_cache_at_the_right_positions(model, 
     pre, post = baselines._ids(tok, HEADER), baselines._ids(tok, "\n\n" + question + ASSISTANT)
     item, info = kv.item("a", pre, baselines._ids(tok, context), post, 8, baselines.stop_ids(tok))
     full = baselines.FullContext(model.decoder, tok).answer(context, question, 8)
-    same = run_item(model.decoder, _NoPress(), item, 0)
-    assert same["token_ids"] == full.token_ids and len(full.token_ids) > 0
-    assert same["kv_positions"] == len(item["prefill"]) == len(pre) + info["kept_tokens"]
+    presses = {"none": _Press(), "half": _DropHalf(), "fails": _Fails()}
+    shared = run_presses(model.decoder, presses, item)  # one pre-fill for all three
+    assert shared["none"]["token_ids"] == full.token_ids and len(full.token_ids) > 0
+    assert shared["none"]["kv_positions"] == len(item["prefill"]) == len(pre) + info["kept_tokens"]
+    half = len(item["prefill"]) // 2
+    assert shared["half"]["kv_positions"] == len(item["prefill"]) - half == shared["half"]["kv_positions_min"]
+    assert shared["half"]["token_ids"] != full.token_ids
+    assert shared["fails"] == {"error": "ValueError: this press does not like this model"}
+    separate = run_presses(model.decoder, presses, item, separate=True)  # kvpress's way: `with press(model)`
+    for name in ("none", "half"):
+        assert separate[name]["token_ids"] == shared[name]["token_ids"]
+        assert separate[name]["kv_positions"] == shared[name]["kv_positions"]
     ids = baselines._ids(tok, DOC.read_text())[:200]
     item, _ = kv.item("b", [], ids, ids[:5], 6, set())
-    pressed = run_item(model.decoder, _DropHalf(), item, 100)
-    assert pressed["kv_positions"] == pressed["kv_positions_min"] == 100 and len(pressed["token_ids"]) == 6
     assert item["budgets"] == {"kvpress:x@4": 50}  # ceil(200 / 4)
+    pressed = run_presses(model.decoder, {"half": _DropHalf()}, item)["half"]
+    assert pressed["kv_positions"] == 100 and len(pressed["token_ids"]) == 6
 
 
 def test_compression_ratio_lands_on_the_budget_in_kvpress_arithmetic():
@@ -141,3 +156,15 @@ def test_kvpress_presses_run_in_their_environment_and_keep_the_budget(model):
     pressed = [r for r in res["records"] if r["family"] == "kvpress:snapkv@4" and r["prompt"] == "chat"]
     assert all(r["prediction"] != full[(r["id"], "chat")]["prediction"] for r in pressed)
     assert any(b["method"] == "kvpress:snapkv@4" for b in res["best"])
+
+    # one pre-fill for every press gives what each press gives alone, kvpress's own way (`with press(model)`)
+    kv = kvpress.KVPressBaselines(model.decoder, model.tokenizer, [kvpress.parse_spec(p) for p in presses[:4]], 8)
+    ids = baselines._ids(model.tokenizer, DOC.read_text())
+    items = [kv.item(f"s{k}", [], ids[k * 50: k * 50 + 400], ids[k * 50 + 400: k * 50 + 404], 6, set())[0]
+             for k in range(2)]
+    shared, separate = kv.run(items)[0], kv.run(items, separate=True)[0]
+    assert set(shared) == set(presses[:4]) and shared.keys() == separate.keys()
+    for name in shared:
+        for key in ("s0", "s1"):
+            a, b = shared[name][key], separate[name][key]
+            assert (a["token_ids"], a["kv_positions"]) == (b["token_ids"], b["kv_positions"]), (name, key)

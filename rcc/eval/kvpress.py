@@ -155,8 +155,11 @@ class KVPressBaselines:
         return ({"key": key, "prefill": prefill, "post": list(post), "budgets": budgets, "stops": sorted(stops),
                  "max_new_tokens": max_new_tokens}, info)
 
-    def run(self, items: list[dict], progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
-        """Run every press on every item in the child.
+    def run(self, items: list[dict], progress: Callable[[str], None] | None = None,
+            separate: bool = False) -> tuple[dict, dict]:
+        """Run every press on every item in the child (one pre-fill per item for
+        all presses; ``separate``: one per press, see
+        :func:`rcc.eval.kvpress_child.run_presses`).
 
         Returns:
             ``(outputs, skipped)``: ``outputs[name][key]`` is the child's record
@@ -172,7 +175,7 @@ class KVPressBaselines:
         with tempfile.TemporaryDirectory(prefix="rcc-kvpress-") as tmp:
             save_backbone(self.decoder, Path(tmp) / "decoder")
             request = {"decoder": str(Path(tmp) / "decoder"), "dtype": str(self.decoder.dtype).replace("torch.", ""),
-                       "device": str(next(self.decoder.parameters()).device), "items": items,
+                       "device": str(next(self.decoder.parameters()).device), "items": items, "separate": separate,
                        "presses": [{"name": n, "press": s.press, "ratio": s.ratio_or(self.default_ratio)}
                                    for n, s in zip(self.names, self.specs)]}
             req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
@@ -213,7 +216,7 @@ class KVPressBaselines:
             if not line:
                 continue
             tail = (tail + [line])[-20:]
-            if progress is not None and line.startswith("kvpress:"):
+            if progress is not None and line.startswith("kvpress ["):
                 progress(line)
         proc.wait()
         if proc.returncode != 0:

@@ -11,10 +11,12 @@ The request (JSON):
   its short name: ``snapkv``, ``expected_attention``, ``knorm``, ``streaming_llm``...);
 - ``items``: ``[{"key", "prefill", "post", "budgets", "stops", "max_new_tokens"}]``:
   token ids laid out by the parent with its own tokenizer. ``prefill`` (the
-  context, with the chat header for chat prompts) is pre-filled under the press,
-  which prunes every layer's cache to ``budgets[press name]`` positions;
-  ``post`` (the question or the continuation cue) is then decoded greedily at
-  positions that continue the original text, as kvpress's own pipeline does.
+  context, with the chat header for chat prompts) is pre-filled once; each press
+  prunes its own copy of every layer's cache to ``budgets[press name]``
+  positions (:func:`run_presses`); ``post`` (the question or the continuation
+  cue) is then decoded greedily from each press's cache at positions that
+  continue the original text, as kvpress's own pipeline does;
+- ``separate`` (optional): pre-fill once per press, kvpress's own way.
 
 The result (JSON): ``versions``, and per press name either ``{"error": one line}``
 or ``{"items": {key: {"token_ids", "kv_positions", "prefill_tokens", "seconds"}}}``
@@ -68,32 +70,94 @@ def compression_ratio(prefill_tokens: int, budget: int) -> float:
     return 1.0 - (budget + 0.5) / prefill_tokens
 
 
+def _layer_cache(kwargs: dict) -> tuple[str, object]:
+    """The keyword an attention layer got its KV cache by, and the cache."""
+    key = "past_key_values" if "past_key_values" in kwargs else "cache"
+    return key, kwargs[key]
+
+
 @torch.no_grad()
-def run_item(model, press, item: dict, budget: int) -> dict:
-    """Pre-fill ``item["prefill"]`` under ``press`` (a context manager factory,
-    ``with press(model): ...``), then decode ``item["post"]`` greedily.
+def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dict:
+    """Pre-fill ``item["prefill"]`` once for all ``presses`` (name -> kvpress press),
+    then decode ``item["post"]`` greedily from each press's cache.
+
+    Every attention layer's forward hook hands each press its own copy of the
+    layer's fresh keys and values and calls the press's own ``forward_hook``
+    (kvpress's, unchanged), which prunes that copy as it would prune the model's
+    cache with ``with press(model):``. A press prunes after the layer's attention,
+    so it never changes the pre-fill's own computation: one pre-fill serves every
+    press and ratio. ``separate=True`` runs each press alone, kvpress's own way
+    (``with press(model)``), one pre-fill each (the tests compare the two).
 
     Returns:
-        ``{"token_ids", "kv_positions", "prefill_tokens", "seconds"}``;
-        ``kv_positions`` is the longest layer's cache after the pre-fill.
+        name -> ``{"token_ids", "kv_positions", "kv_positions_min", "prefill_tokens",
+        "seconds"}``, or ``{"error": one line}`` for a press that raised.
     """
     from transformers import DynamicCache
 
-    from ..hooks import cache_kwarg
+    from ..hooks import cache_kwarg, decoder_layers
     from .baselines import greedy
 
-    t = time.perf_counter()
     device = next(model.parameters()).device
-    prefill = list(item["prefill"])
-    cache = DynamicCache()
-    with press(model):
-        model(input_ids=torch.tensor([prefill], device=device), use_cache=True, logits_to_keep=1,
-              **{cache_kwarg(model): cache})
-    kept = [layer.keys.shape[-2] for layer in cache.layers]
-    ids = greedy(model, list(item["post"]), int(item["max_new_tokens"]), set(item.get("stops", ())), cache=cache,
-                 start=len(prefill))
-    return {"token_ids": ids, "kv_positions": max(kept), "kv_positions_min": min(kept),
-            "prefill_tokens": len(prefill), "budget": budget, "seconds": round(time.perf_counter() - t, 4)}
+    prefill = torch.tensor([list(item["prefill"])], device=device)
+    kw = cache_kwarg(model)
+    out: dict = {}
+    caches: dict = {}
+    t = time.perf_counter()
+    if separate:
+        for name, press in presses.items():
+            caches[name] = DynamicCache(config=model.config)
+            try:
+                with press(model):
+                    model(input_ids=prefill, use_cache=True, logits_to_keep=1, **{kw: caches[name]})
+            except Exception as err:
+                out[name] = {"error": _one_line(err)}
+    else:
+        body = getattr(model, "model", None)
+        for name, press in presses.items():  # what BasePress.__call__ does before it hooks the layers
+            try:
+                getattr(press, "post_init_from_model", lambda m: None)(model)
+            except Exception as err:
+                out[name] = {"error": _one_line(err)}
+        for layer in decoder_layers(model):
+            if body is not None and hasattr(body, "rotary_emb"):
+                layer.self_attn.rotary_emb = body.rotary_emb
+        caches = {name: DynamicCache(config=model.config) for name in presses if name not in out}
+
+        def hook(module, args, kwargs, output):
+            key, cache = _layer_cache(kwargs)
+            full = cache.layers[module.layer_idx]
+            for name, own in caches.items():
+                if name in out:
+                    continue
+                own.layers[module.layer_idx].update(full.keys, full.values)  # a copy: the press prunes its own
+                try:
+                    presses[name].forward_hook(module, args, {**kwargs, key: own}, output)
+                except Exception as err:
+                    out[name] = {"error": _one_line(err)}
+            return output
+
+        handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
+        try:
+            model(input_ids=prefill, use_cache=True, logits_to_keep=1, **{kw: DynamicCache(config=model.config)})
+        finally:
+            for h in handles:
+                h.remove()
+    prefill_s = (time.perf_counter() - t) / (len(presses) if separate else 1)
+    for name, cache in caches.items():
+        if name in out:
+            continue
+        t = time.perf_counter()
+        kept = [layer.keys.shape[-2] for layer in cache.layers]
+        try:
+            ids = greedy(model, list(item["post"]), int(item["max_new_tokens"]), set(item.get("stops", ())),
+                         cache=cache, start=prefill.shape[1])
+        except Exception as err:
+            out[name] = {"error": _one_line(err)}
+            continue
+        out[name] = {"token_ids": ids, "kv_positions": max(kept), "kv_positions_min": min(kept),
+                     "prefill_tokens": prefill.shape[1], "seconds": round(prefill_s + time.perf_counter() - t, 4)}
+    return out
 
 
 def _one_line(err: BaseException) -> str:
@@ -126,26 +190,39 @@ def main(argv: list[str] | None = None) -> int:
     result["versions"]["kvpress"] = md.version("kvpress")
     model = AutoModelForCausalLM.from_pretrained(request["decoder"], dtype=getattr(torch, request["dtype"]))
     model = model.to(request["device"]).eval()
-    items = request["items"]
+    items, separate = request["items"], bool(request.get("separate", False))
+    classes, done = {}, {}
     for spec in request["presses"]:
-        name = spec["name"]
         cls, why = press_class(kvpress, spec["press"])
         if cls is None:
-            result["presses"][name] = {"error": why}
-            continue
-        done = {}
-        try:
-            for k, item in enumerate(items, 1):
-                budget = int(item["budgets"][name])
-                press = cls(compression_ratio=compression_ratio(len(item["prefill"]), budget))
-                out = run_item(model, press, item, budget)
-                done[item["key"]] = out
-                print(f"{name} [{k}/{len(items)}] {item['key']}: {out['prefill_tokens']} -> {out['kv_positions']} "
-                      f"KV positions ({out['seconds']:.1f} s)", file=sys.stderr, flush=True)
-        except Exception as err:  # a press that fails on this model: reported, the others still run
-            result["presses"][name] = {"error": f"{cls.__name__} failed on {type(model).__name__}: {_one_line(err)}"}
-            continue
-        result["presses"][name] = {"press_class": cls.__name__, "items": done}
+            result["presses"][spec["name"]] = {"error": why}
+        else:
+            classes[spec["name"]], done[spec["name"]] = cls, {}
+    for k, item in enumerate(items, 1):
+        presses = {}
+        for name, cls in classes.items():
+            if name in result["presses"]:
+                continue
+            try:
+                presses[name] = cls(compression_ratio=compression_ratio(len(item["prefill"]), item["budgets"][name]))
+            except Exception as err:
+                result["presses"][name] = {"error": f"{cls.__name__}: {_one_line(err)}"}
+        if not presses:
+            break
+        t = time.perf_counter()
+        for name, got in run_presses(model, presses, item, separate).items():
+            if "error" in got:  # a press that fails on this model: reported, the others go on
+                result["presses"][name] = {"error": f"{classes[name].__name__} failed on {type(model).__name__}: "
+                                                    f"{got['error']}"}
+            else:
+                got["budget"] = int(item["budgets"][name])
+                done[name][item["key"]] = got
+        kept = sorted({done[n][item["key"]]["kv_positions"] for n in presses if item["key"] in done[n]})
+        print(f"kvpress [{k}/{len(items)}] {item['key']}: {len(item['prefill'])} tokens -> {kept} KV positions, "
+              f"{len(presses)} presses ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
+    for name, cls in classes.items():
+        if name not in result["presses"]:
+            result["presses"][name] = {"press_class": cls.__name__, "items": done[name]}
     write_json(argv[1], result)
     return 0
 
