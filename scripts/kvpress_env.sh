@@ -10,7 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${1:-.venv-kvpress}
-quiet() { "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+quiet() {  # pip without its location warnings; its exit status kept
+    local rc=0
+    "$@" > >(grep -v "^WARNING: Location" >&2) 2>&1 || rc=$?
+    return $rc
+}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 quiet "$VENV/bin/python" -m pip install -q --upgrade pip
 quiet "$VENV/bin/python" -m pip install -q "torch==2.13.0"

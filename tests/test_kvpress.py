@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from rcc.eval import EvalConfig, baselines, kvpress, run_eval
+from rcc.eval import EvalConfig, baselines, kvpress, passkey, run_eval
 from rcc.eval.kvpress_child import compression_ratio, run_presses
 from rcc.hooks import decoder_layers
 from tests.conftest import REPO, tiny_rcc, tiny_tokenizer
@@ -85,9 +85,11 @@ def test_child_plumbing_continues_pressed_caches_at_the_right_positions(model, t
     assert shared["half"]["token_ids"] != full.token_ids
     assert shared["fails"] == {"error": "ValueError: this press does not like this model"}
     separate = run_presses(model.decoder, presses, item, separate=True)  # kvpress's way: `with press(model)`
+    mixed = run_presses(model.decoder, presses, item, alone={"half"})  # a press with its own __call__ runs alone
+    assert mixed["half"]["shared_prefill"] is False and mixed["none"]["shared_prefill"] is True
     for name in ("none", "half"):
-        assert separate[name]["token_ids"] == shared[name]["token_ids"]
-        assert separate[name]["kv_positions"] == shared[name]["kv_positions"]
+        assert separate[name]["token_ids"] == shared[name]["token_ids"] == mixed[name]["token_ids"]
+        assert separate[name]["kv_positions"] == shared[name]["kv_positions"] == mixed[name]["kv_positions"]
     ids = baselines._ids(tok, DOC.read_text())[:200]
     item, _ = kv.item("b", [], ids, ids[:5], 6, set())
     assert item["budgets"] == {"kvpress:x@4": 50}  # ceil(200 / 4)
@@ -157,14 +159,18 @@ def test_kvpress_presses_run_in_their_environment_and_keep_the_budget(model):
     assert all(r["prediction"] != full[(r["id"], "chat")]["prediction"] for r in pressed)
     assert any(b["method"] == "kvpress:snapkv@4" for b in res["best"])
 
-    # one pre-fill for every press gives what each press gives alone, kvpress's own way (`with press(model)`)
-    kv = kvpress.KVPressBaselines(model.decoder, model.tokenizer, [kvpress.parse_spec(p) for p in presses[:4]], 8)
-    ids = baselines._ids(model.tokenizer, DOC.read_text())
-    items = [kv.item(f"s{k}", [], ids[k * 50: k * 50 + 400], ids[k * 50 + 400: k * 50 + 404], 6, set())[0]
-             for k in range(2)]
-    shared, separate = kv.run(items)[0], kv.run(items, separate=True)[0]
-    assert set(shared) == set(presses[:4]) and shared.keys() == separate.keys()
-    for name in shared:
-        for key in ("s0", "s1"):
-            a, b = shared[name][key], separate[name][key]
-            assert (a["token_ids"], a["kv_positions"]) == (b["token_ids"], b["kv_positions"]), (name, key)
+    # one pre-fill for every press (above) gives what each press gives alone, kvpress's own way
+    # (`with press(model)`, one pre-fill per press and sample)
+    kv = kvpress.KVPressBaselines(model.decoder, model.tokenizer, [kvpress.parse_spec(p) for p in ran[:4]], 8)
+    examples = passkey.examples(cfg, model.tokenizer)
+    items, layout = kv.items(examples, ["chat", "continuation"], res["max_new_tokens"])
+    separate, skipped = kv.run(items, separate=True)
+    assert skipped == {} and set(separate) == set(ran[:4])
+    records = {(r["id"], r["method"]): r for r in res["records"]}
+    for name, got in separate.items():
+        for key, out in got.items():
+            i, prompt, _ = layout[key]
+            rec = records[(examples[i].id, f"{name}/{prompt}")]
+            assert out["shared_prefill"] is False and rec["info"]["shared_prefill"] is True
+            assert out["kv_positions"] == rec["info"]["kv_positions"], (name, key)
+            assert kv.prediction(prompt, out, {}).text == rec["prediction"], (name, key)

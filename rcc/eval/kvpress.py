@@ -155,6 +155,49 @@ class KVPressBaselines:
         return ({"key": key, "prefill": prefill, "post": list(post), "budgets": budgets, "stops": sorted(stops),
                  "max_new_tokens": max_new_tokens}, info)
 
+    def items(self, examples: list, prompts: list[str], max_new_tokens: int) -> tuple[list[dict], dict]:
+        """Every (sample, prompt) laid out for the child as ``full`` lays it out
+        (:class:`~rcc.eval.baselines.FullContext`); ``layout[key]`` says how to
+        read its answer back: ``(example index, prompt or None, info)``."""
+        from ..prompts import ASSISTANT, HEADER
+        from .baselines import _ids, continuation_prompt, stop_ids
+
+        tok = self.tokenizer
+        items, layout = [], {}
+        for i, ex in enumerate(examples):
+            if not ex.is_question:  # a continuation sample: context ids, then the cue ids
+                item, info = self.item(ex.id, [], ex.context_ids, ex.prompt_ids, len(ex.target_ids), set())
+                items.append(item)
+                layout[ex.id] = (i, None, info)
+                continue
+            ctx = _ids(tok, ex.context)
+            for prompt in prompts:
+                key = f"{ex.id}/{prompt}"
+                if prompt == "chat":
+                    post = _ids(tok, "\n\n" + ex.question + ASSISTANT)
+                    item, info = self.item(key, _ids(tok, HEADER), ctx, post, max_new_tokens, stop_ids(tok))
+                else:
+                    post = continuation_prompt(tok, ex.context, ex.continuation)[1]
+                    item, info = self.item(key, [], ctx, post, max_new_tokens, set())
+                items.append(item)
+                layout[key] = (i, prompt, info)
+        return items, layout
+
+    def prediction(self, prompt: str | None, out: dict, info: dict):
+        """The :class:`~rcc.eval.task.Prediction` of the child's output for one item."""
+        from .baselines import _answer_text, continuation_answer
+        from .task import Prediction
+
+        ids, tok = out["token_ids"], self.tokenizer
+        if prompt == "chat":
+            text = _answer_text(tok, ids)
+        elif prompt == "continuation":
+            text = continuation_answer(tok.decode(ids), tok.eos_token)
+        else:
+            text = tok.decode(ids)
+        kept = {k: out[k] for k in ("kv_positions", "kv_positions_min", "budget", "prefill_tokens", "shared_prefill")}
+        return Prediction(text, ids, {**info, **kept})
+
     def run(self, items: list[dict], progress: Callable[[str], None] | None = None,
             separate: bool = False) -> tuple[dict, dict]:
         """Run every press on every item in the child (one pre-fill per item for

@@ -77,7 +77,7 @@ def _layer_cache(kwargs: dict) -> tuple[str, object]:
 
 
 @torch.no_grad()
-def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dict:
+def run_presses(model, presses: dict, item: dict, separate: bool = False, alone: set[str] = frozenset()) -> dict:
     """Pre-fill ``item["prefill"]`` once for all ``presses`` (name -> kvpress press),
     then decode ``item["post"]`` greedily from each press's cache.
 
@@ -87,7 +87,9 @@ def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dic
     cache with ``with press(model):``. A press prunes after the layer's attention,
     so it never changes the pre-fill's own computation: one pre-fill serves every
     press and ratio. ``separate=True`` runs each press alone, kvpress's own way
-    (``with press(model)``), one pre-fill each (the tests compare the two).
+    (``with press(model)``), one pre-fill each (the tests compare the two); so
+    do the presses named in ``alone`` (those whose ``__call__`` does more than
+    hook the layers: extra passes, patched attention).
 
     Returns:
         name -> ``{"token_ids", "kv_positions", "kv_positions_min", "prefill_tokens",
@@ -103,18 +105,22 @@ def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dic
     kw = cache_kwarg(model)
     out: dict = {}
     caches: dict = {}
-    t = time.perf_counter()
-    if separate:
-        for name, press in presses.items():
+    prefill_s: dict = {}
+    shared = {} if separate else {n: p for n, p in presses.items() if n not in alone}
+    for name, press in presses.items():
+        if name not in shared:
+            t1 = time.perf_counter()
             caches[name] = DynamicCache(config=model.config)
             try:
                 with press(model):
                     model(input_ids=prefill, use_cache=True, logits_to_keep=1, **{kw: caches[name]})
             except Exception as err:
                 out[name] = {"error": _one_line(err)}
-    else:
+            prefill_s[name] = time.perf_counter() - t1
+    if shared:
+        t1 = time.perf_counter()
         body = getattr(model, "model", None)
-        for name, press in presses.items():  # what BasePress.__call__ does before it hooks the layers
+        for name, press in shared.items():  # what BasePress.__call__ does before it hooks the layers
             try:
                 getattr(press, "post_init_from_model", lambda m: None)(model)
             except Exception as err:
@@ -122,17 +128,18 @@ def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dic
         for layer in decoder_layers(model):
             if body is not None and hasattr(body, "rotary_emb"):
                 layer.self_attn.rotary_emb = body.rotary_emb
-        caches = {name: DynamicCache(config=model.config) for name in presses if name not in out}
+        own_caches = {name: DynamicCache(config=model.config) for name in shared if name not in out}
+        caches.update(own_caches)
 
         def hook(module, args, kwargs, output):
             key, cache = _layer_cache(kwargs)
             full = cache.layers[module.layer_idx]
-            for name, own in caches.items():
+            for name, own in own_caches.items():
                 if name in out:
                     continue
                 own.layers[module.layer_idx].update(full.keys, full.values)  # a copy: the press prunes its own
                 try:
-                    presses[name].forward_hook(module, args, {**kwargs, key: own}, output)
+                    shared[name].forward_hook(module, args, {**kwargs, key: own}, output)
                 except Exception as err:
                     out[name] = {"error": _one_line(err)}
             return output
@@ -143,7 +150,7 @@ def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dic
         finally:
             for h in handles:
                 h.remove()
-    prefill_s = (time.perf_counter() - t) / (len(presses) if separate else 1)
+        prefill_s.update(dict.fromkeys(shared, time.perf_counter() - t1))
     for name, cache in caches.items():
         if name in out:
             continue
@@ -156,7 +163,8 @@ def run_presses(model, presses: dict, item: dict, separate: bool = False) -> dic
             out[name] = {"error": _one_line(err)}
             continue
         out[name] = {"token_ids": ids, "kv_positions": max(kept), "kv_positions_min": min(kept),
-                     "prefill_tokens": prefill.shape[1], "seconds": round(prefill_s + time.perf_counter() - t, 4)}
+                     "prefill_tokens": prefill.shape[1],
+                     "seconds": round(prefill_s[name] + time.perf_counter() - t, 4), "shared_prefill": name in shared}
     return out
 
 
@@ -192,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(request["device"]).eval()
     items, separate = request["items"], bool(request.get("separate", False))
     classes, done = {}, {}
+    alone = set()  # presses whose __call__ does more than BasePress's (hook the layers): their own pre-fill
     for spec in request["presses"]:
         cls, why = press_class(kvpress, spec["press"])
         if cls is None:
             result["presses"][spec["name"]] = {"error": why}
         else:
             classes[spec["name"]], done[spec["name"]] = cls, {}
+            if cls.__call__ is not kvpress.BasePress.__call__:
+                alone.add(spec["name"])
     for k, item in enumerate(items, 1):
         presses = {}
         for name, cls in classes.items():
@@ -210,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if not presses:
             break
         t = time.perf_counter()
-        for name, got in run_presses(model, presses, item, separate).items():
+        for name, got in run_presses(model, presses, item, separate, alone).items():
             if "error" in got:  # a press that fails on this model: reported, the others go on
                 result["presses"][name] = {"error": f"{classes[name].__name__} failed on {type(model).__name__}: "
                                                     f"{got['error']}"}

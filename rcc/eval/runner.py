@@ -18,7 +18,7 @@ from statistics import fmean
 from ..adapters import has_lora
 from ..errors import RCCError
 from ..io import render_table, versions, write_json
-from ..prompts import ASSISTANT, HEADER, MODES
+from ..prompts import MODES
 from . import baselines, needle, passkey, qa, reconstruct
 from .config import EvalConfig
 from .kvpress import KVPressBaselines, parse_spec
@@ -110,45 +110,6 @@ def predict(run: Run, example: Example, max_new_tokens: int) -> Prediction:
     if run.prompt in MODES:
         return method.answer(example.context, example.question, max_new_tokens, mode=run.prompt)
     return method.answer(example.context, example.question, max_new_tokens)
-
-
-def kvpress_items(kv: KVPressBaselines, examples: list[Example], prompts: list[str],
-                  max_new_tokens: int) -> tuple[list[dict], dict]:
-    """Every (sample, prompt) laid out for the kvpress child; ``layout[key]`` says
-    how to read its answer back: ``(example index, prompt, info)``."""
-    tok = kv.tokenizer
-    stops = baselines.stop_ids(tok)
-    items, layout = [], {}
-    for i, ex in enumerate(examples):
-        if not ex.is_question:
-            item, info = kv.item(ex.id, [], ex.context_ids, ex.prompt_ids, len(ex.target_ids), set())
-            items.append(item)
-            layout[ex.id] = (i, None, info)
-            continue
-        ctx = baselines._ids(tok, ex.context)
-        for prompt in prompts:
-            key = f"{ex.id}/{prompt}"
-            if prompt == "chat":
-                pre, post = baselines._ids(tok, HEADER), baselines._ids(tok, "\n\n" + ex.question + ASSISTANT)
-                item, info = kv.item(key, pre, ctx, post, max_new_tokens, stops)
-            else:
-                _, post = baselines.continuation_prompt(tok, ex.context, ex.continuation)
-                item, info = kv.item(key, [], ctx, post, max_new_tokens, set())
-            items.append(item)
-            layout[key] = (i, prompt, info)
-    return items, layout
-
-
-def kvpress_prediction(tok, prompt: str | None, out: dict, info: dict) -> Prediction:
-    ids = out["token_ids"]
-    if prompt == "chat":
-        text = baselines._answer_text(tok, ids)
-    elif prompt == "continuation":
-        text = baselines.continuation_answer(tok.decode(ids), tok.eos_token)
-    else:
-        text = tok.decode(ids)
-    kept = {k: out[k] for k in ("kv_positions", "kv_positions_min", "budget", "prefill_tokens")}
-    return Prediction(text, ids, {**info, **kept, "seconds_in_child": out["seconds"]})
 
 
 def summarize(records: list[dict], group_by: tuple[str, ...], metrics: tuple[str, ...]) -> dict:
@@ -277,12 +238,12 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
                 progress(f"[{len(records)}/{total}] {ex.id} {run.name}: {shown} ({rec['seconds']:.1f} s)")
     skipped: dict[str, str] = {}
     if kv is not None:
-        items, layout = kvpress_items(kv, examples, kv_prompts, max_new)
+        items, layout = kv.items(examples, kv_prompts, max_new)
         outputs, skipped = kv.run(items, progress)
         for name, got in outputs.items():
             for key, out in got.items():
                 i, prompt, info = layout[key]
-                pred = kvpress_prediction(kv.tokenizer, prompt, out, dict(info))
+                pred = kv.prediction(prompt, out, info)
                 run_name = name if prompt is None else f"{name}/{prompt}"
                 records.append(_record(task, examples[i], run_name, name, prompt, pred, out["seconds"]))
         for name, why in skipped.items():
