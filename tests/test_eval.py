@@ -338,7 +338,11 @@ def test_eval_needle_reconstruct_qa_cli(ckpt, tmp_path, capsys):
     assert cli("eval", "reconstruct", "--model", ckpt, "--text", DOC, "--lengths", "128,300", "--samples", "2",
                "--target-tokens", "12", "--baseline", "-o", out, "--quiet") == 0
     res = json.loads(out.read_text())
-    assert res["methods"] == ["rcc", "full", "recent"] and len(res["records"]) == 2 * 2 * 3
+    kv = [n for n in ("kvpress:snapkv@8", "kvpress:expected_attention@8") if n not in res["skipped"]]
+    assert res["methods"] == ["rcc", "full", "recent", *kv] and len(res["records"]) == 2 * 2 * (3 + len(kv))
+    for r in res["records"]:
+        if r["method"] in kv:  # continuation samples: the press keeps ceil(n / 8) of the context's positions
+            assert r["info"]["kv_positions"] == -(-r["info"]["context_tokens"] // 8)
     assert res["best"] == [] or all(b["prompt"] is None for b in res["best"])
     for r in res["records"]:
         assert set(r["scores"]) == {"bleu4", "exact_prefix"} and 0 <= r["scores"]["bleu4"] <= 100
