@@ -21,18 +21,19 @@ OUT=${1:-benchmarks/results}
 SHORT_DEPTHS=${SHORT_DEPTHS:-0.25,0.75}   # one sample per depth at 2k and 8k
 LONG_DEPTHS=${LONG_DEPTHS:-0.5}          # at 32k
 PY=${PY:-.venv/bin/python}
-BASELINES=full,recent,kvpress:snapkv@16,kvpress:snapkv@32,kvpress:expected_attention@16,kvpress:expected_attention@32
+BASELINES=${BASELINES:-full,recent,kvpress:snapkv@16,kvpress:snapkv@32,kvpress:expected_attention@16,kvpress:expected_attention@32}
+LONG_BASELINES=${LONG_BASELINES:-$BASELINES}   # at 32k (full and kvpress read the 8192 positions SmolLM2 has)
 COMMON=(--model rcc-smollm2-135m --device cpu --modes manual --prompts chat,continuation --max-new-tokens 16
-        --samples 1 --baselines "$BASELINES" --no-plot)
+        --samples 1 --no-plot)
 NEEDLE=(--haystack /usr/share/common-licenses/GPL-3 --needle "The secret ingredient of the cake is cardamom."
         --question "What is the secret ingredient of the cake?" --answer cardamom)
 mkdir -p "$OUT"
-for part in "2k,8k $SHORT_DEPTHS short" "32k $LONG_DEPTHS long"; do
-    read -r lengths depths name <<< "$part"
+for part in "2k,8k $SHORT_DEPTHS short $BASELINES" "32k $LONG_DEPTHS long $LONG_BASELINES"; do
+    read -r lengths depths name baselines <<< "$part"
     for task in $TASKS; do
         extra=(); [ "$task" = needle ] && extra=("${NEEDLE[@]}")
         "$PY" -m rcc.cli eval "$task" "${COMMON[@]}" "${extra[@]}" --lengths "$lengths" --depths "$depths" \
-            -o "$OUT/compare-$task-$name.json"
+            --baselines "$baselines" -o "$OUT/compare-$task-$name.json"
     done
 done
 [ -n "$TASKS" ] && [ "$TASKS" != "passkey needle" ] && exit 0  # one task of two running side by side
