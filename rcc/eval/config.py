@@ -140,6 +140,10 @@ class EvalConfig:
         self.depths = parse_depths(self.depths)
         self.modes = parse_list(self.modes, MODES, "mode")
         self.baselines = parse_baselines(self.baselines)
+        if self.kvpress_python:  # checked before the (slow) model load
+            from .kvpress import find_python
+
+            find_python(self.kvpress_python)
         self.prompts = parse_list(self.prompts, PROMPTS, "prompt")
         if not self.prompts:
             raise RCCError("no prompt given; use --prompts chat,continuation")
