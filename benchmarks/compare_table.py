@@ -16,13 +16,15 @@ from rcc.io import atomic_write_text
 
 
 def load(paths: list[str]) -> dict[str, dict]:
-    """Task -> {"records", "metric", "model", "files", "skipped", "kvpress"} merged over its files."""
+    """Task -> {"records", "metric", "model", "files", "skipped", "kvpress"} merged over its files
+    (a sample's run found in two files, e.g. RCC in two 32k invocations, is taken from the first)."""
     tasks: dict[str, dict] = {}
     for path in paths:
         res = json.loads(Path(path).read_text())
         t = tasks.setdefault(res["task"], {"records": [], "metric": res["metrics"][0], "files": [], "skipped": {},
                                            "model": res["model"], "kvpress": res.get("kvpress"), "seconds": 0.0})
-        t["records"] += res["records"]
+        seen = {(r["id"], r["method"]) for r in t["records"]}  # a run repeated in another file counts once
+        t["records"] += [r for r in res["records"] if (r["id"], r["method"]) not in seen]
         t["files"].append(str(path))
         t["skipped"].update(res["skipped"])
         t["seconds"] += sum(r["seconds"] for r in res["records"])
@@ -59,7 +61,9 @@ def table(tasks: dict[str, dict]) -> str:
     for t in names:
         recs, metric = tasks[t]["records"], tasks[t]["metric"]
         best[t] = {b["method"]: b for b in best_prompts(recs, summarize(recs, (), (metric,)), metric)}
+    rank = {"rcc": 0, "full": 1, "recent": 2}
     families = list(dict.fromkeys(f for t in names for f in best[t]))
+    families.sort(key=lambda f: rank.get(f, 3 if f.startswith("kvpress:") else 4))  # stable within kvpress
     ratio = next(iter(tasks.values()))["model"]["ratio"]
     head = ["method", "keeps of an n-token context"]
     for t in names:
@@ -80,7 +84,8 @@ def table(tasks: dict[str, dict]) -> str:
            "cells: correct / samples.", "", *lines, "", "Every run (method / prompt):", ""]
     head = ["run"] + [f"{t} @{size(n)}" for t in names for n in lengths[t]]
     out += ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
-    runs = list(dict.fromkeys(r["method"] for t in names for r in tasks[t]["records"]))
+    runs = [run for f in families for run in dict.fromkeys(r["method"] for t in names for r in tasks[t]["records"]
+                                                          if r["family"] == f)]
     for run in runs:
         row = [run] + [cell([r for r in tasks[t]["records"] if r["method"] == run and r["length"] == n],
                             tasks[t]["metric"]) for t in names for n in lengths[t]]
