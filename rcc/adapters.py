@@ -114,6 +114,19 @@ def apply_lora(model: nn.Module, config: dict, state: dict, what: str = "backbon
     model.load_state_dict(state, strict=False)
 
 
+def base_state(model: nn.Module) -> dict:
+    """``model.state_dict()`` of the base backbone: plain backbone keys, the adapters
+    left out (what :func:`disabled` runs). ``model`` is unchanged; tensors are shared."""
+    layers = lora_layers(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        prefix, _, leaf = key.rpartition(".base_layer.")
+        out[f"{prefix}.{leaf}" if prefix in layers else key] = value
+    return out
+
+
 def merged_state(model: nn.Module) -> dict:
     """``model.state_dict()`` as if the adapters were merged: plain backbone keys,
     base weights plus the LoRA update, no adapter tensors. ``model`` is unchanged."""

@@ -65,7 +65,7 @@ def test_text_compresses_what_the_mode_says_and_reports_progress(model, mode):
 def test_model_ask_and_the_evaluation_take_the_same_path(model):
     a = ask(model, TEXT, "When?", mode="manual", max_new_tokens=6)
     assert model.ask(TEXT, "When?", mode="manual", max_new_tokens=6).token_ids == a.token_ids
-    pred = RCCMethod(model, "manual").answer(TEXT, "When?", 6)
+    pred = RCCMethod(model).answer(TEXT, "When?", 6, mode="manual")
     assert pred.token_ids == a.token_ids and pred.info["slots"] == a.num_slots
     assert pred.info["compressed_tokens"] == a.compressed_tokens
     memory = model.compress(ids(model, TEXT))

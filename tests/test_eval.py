@@ -182,62 +182,66 @@ def test_baselines_run_the_backbone_without_the_lora_adapters(tok):
         {n for n, _ in model.decoder.named_parameters() if "lora_" in n}
 
 
-class _NoPress:
-    """A press that leaves the cache alone: kvpress's plumbing must then equal the full baseline."""
-
-    def __call__(self, model):
-        import contextlib
-
-        return contextlib.nullcontext()
+def test_continuation_prompt_and_answer(tok):
+    ctx, prompt = baselines.continuation_prompt(tok, "Some text.", "What is the pass key? The pass key is")
+    assert tok.decode(ctx) == "Some text." and tok.decode(prompt) == "\n\nWhat is the pass key? The pass key is"
+    assert baselines.continuation_answer(" 12345. Remember it.\nWhat is") == "12345. Remember it."
+    assert baselines.continuation_answer("\n 42<|im_end|>junk") == "42"
 
 
-class _DropHalf:
-    """A press that keeps the second half of every layer's pre-filled keys and values."""
+def test_needle_continuation_cue_comes_from_the_needle_or_the_option():
+    from rcc.eval import needle
 
-    def __call__(self, model):
-        import contextlib
-
-        from rcc.hooks import decoder_layers
-
-        @contextlib.contextmanager
-        def ctx():
-            def hook(module, args, kwargs, output):
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
-                layer = cache.layers[module.layer_idx]
-                half = layer.keys.shape[2] // 2
-                layer.keys, layer.values = layer.keys[:, :, half:], layer.values[:, :, half:]
-                return output
-
-            handles = [lyr.self_attn.register_forward_hook(hook, with_kwargs=True) for lyr in decoder_layers(model)]
-            try:
-                yield
-            finally:
-                for h in handles:
-                    h.remove()
-
-        return ctx()
+    kw = dict(task="needle", haystack=str(DOC), needle="The secret ingredient of the cake is cardamom.",
+              question="What is the secret ingredient of the cake?", answer="cardamom")
+    assert needle.continuation(EvalConfig(**kw)) == ("What is the secret ingredient of the cake? "
+                                                     "The secret ingredient of the cake is")
+    assert needle.continuation(EvalConfig(**kw, cue="It is")) == "What is the secret ingredient of the cake? It is"
+    assert needle.continuation(EvalConfig(**{**kw, "answer": "nutmeg"})).endswith("? Answer:")
 
 
-def test_kvpress_plumbing_continues_a_pressed_cache_at_the_right_positions(model, tok):
-    context, question = DOC.read_text()[:600], "Who kept the lamp?"
-    full = baselines.FullContext(model.decoder, tok).answer(context, question, 8)
-    same = baselines.KVPressMethod(model.decoder, tok, _NoPress()).answer(context, question, 8)
-    assert same.token_ids == full.token_ids and len(full.token_ids) > 0
-    ids = tok(DOC.read_text(), add_special_tokens=False)["input_ids"][:200]
-    pressed = baselines.KVPressMethod(model.decoder, tok, _DropHalf()).continue_ids(ids, ids[:5], 6)
-    assert pressed.info["kv_positions"] == 100 and len(pressed.token_ids) == 6
+def test_rcc_compresses_a_context_once_for_its_prompts(model, tok):
+    """The manual chat prompt and the continuation prompt read the same memory."""
+    method = baselines.RCCMethod(model)
+    context = DOC.read_text()[:400]
+    a = method.answer(context, "Who kept the lamp?", 4, mode="manual")
+    ctx, prompt = baselines.continuation_prompt(tok, context, "Who kept the lamp? It was")
+    b = method.continue_ids(ctx, prompt, 4)
+    assert "compress_s" in a.info and b.info == {"slots": a.info["slots"], "compress_reused": True}
+    fresh = baselines.RCCMethod(model).continue_ids(ctx, prompt, 4)
+    assert fresh.token_ids == b.token_ids and "compress_s" in fresh.info
 
 
-def test_kvpress_unavailable_is_reported_not_run(monkeypatch, model):
-    import sys
+def test_kvpress_without_an_environment_is_reported_not_run(monkeypatch, model, tmp_path):
+    from rcc.eval import kvpress
 
-    monkeypatch.setitem(sys.modules, "kvpress", None)  # import kvpress -> ImportError
-    press, why = baselines.make_kvpress("KnormPress", 1 - 1 / 8)
-    assert press is None and "kvpress" in why
-    cfg = EvalConfig(task="passkey", lengths=[200], depths=[0.5], baselines="kvpress")
+    monkeypatch.setattr(kvpress, "SOURCE_ROOT", tmp_path)  # no .venv-kvpress there
+    monkeypatch.delenv(kvpress.ENV_VAR, raising=False)
+    monkeypatch.setattr(kvpress, "_importable", lambda: False)  # nor kvpress in this interpreter
+    cfg = EvalConfig(task="passkey", lengths=[200], depths=[0.5], modes="manual", baselines="kvpress:snapkv@16")
     res = run_eval(model, cfg)
-    assert res["methods"] == ["rcc:reconstruct", "rcc:manual"] and "kvpress" in res["skipped"]
-    assert any(n.startswith("kvpress: skipped") for n in res["notes"])
+    assert res["methods"] == ["rcc/manual", "rcc/continuation"]
+    assert "no kvpress environment" in res["skipped"]["kvpress:snapkv@16"]
+    assert any(n.startswith("kvpress:snapkv@16: skipped: no kvpress environment") for n in res["notes"])
+    with pytest.raises(RCCError, match="no such executable"):
+        kvpress.find_python(str(tmp_path / "nope"))
+
+
+def test_baseline_specs():
+    from rcc.eval.kvpress import PressSpec, budget, parse_spec
+
+    assert EvalConfig(task="passkey", baselines="full,kvpress:snapkv@16,kvpress:SnapKVPress@32.5,full").baselines == \
+        ["full", "kvpress:snapkv@16", "kvpress:SnapKVPress@32.5"]
+    assert parse_spec("kvpress:expected_attention@32") == PressSpec("expected_attention", 32.0)
+    assert parse_spec("kvpress") == PressSpec("snapkv", None) and parse_spec("kvpress").name(8) == "kvpress:snapkv@8"
+    for bad in ("kvpress:", "kvpress:snap kv@4", "kvpress:x@", "kvpress@abc"):
+        with pytest.raises(RCCError, match="kvpress:PRESS@RATIO"):
+            parse_spec(bad)
+    with pytest.raises(RCCError, match="above 1"):
+        parse_spec("kvpress:knorm@0.5")
+    with pytest.raises(RCCError, match="unknown baseline"):
+        EvalConfig(task="passkey", baselines="kvpres:knorm")
+    assert budget(2048, 16) == 128 and budget(2049, 16) == 129 and budget(3, 16) == 1
 
 
 # ------------------------------------------------------- scoring via an oracle
@@ -277,7 +281,7 @@ def test_an_oracle_scores_perfectly_on_every_task(model, tmp_path):
     }
     for task, kw in cases.items():
         res = run_eval(model, EvalConfig(task=task, **kw), extra_methods=[Oracle({"Who kept it?": "Agnes"})])
-        overall = res["summary"]["oracle"]["overall"]
+        overall = res["summary"]["oracle" if task == "reconstruct" else "oracle/chat"]["overall"]
         if task == "reconstruct":
             assert overall["bleu4"] == pytest.approx(100.0) and overall["exact_prefix"] == 16
         else:
@@ -294,17 +298,25 @@ def test_eval_passkey_cli_with_baselines_writes_json_table_and_heatmap(ckpt, tmp
     res = json.loads(out.read_text())
     assert res["task"] == "passkey" and res["seed"] == 0 and res["model"]["trained"] is False
     assert res["model"]["fingerprint"] and res["config"]["lengths"] == [256, 1024]
-    assert res["methods"] == ["rcc:reconstruct", "rcc:manual", "full", "recent"]
-    assert len(res["records"]) == 2 * 3 * 4
-    full = [r for r in res["records"] if r["method"] == "full"]
+    runs = ["rcc/reconstruct", "rcc/manual", "rcc/continuation", "full/chat", "full/continuation", "recent/chat",
+            "recent/continuation"]
+    kv = [n for n in ("kvpress:snapkv@8", "kvpress:expected_attention@8") if n not in res["skipped"]]
+    runs += [f"{n}/{p}" for n in kv for p in ("chat", "continuation")]
+    assert res["methods"] == runs and len(res["records"]) == 2 * 3 * len(runs)
+    full = [r for r in res["records"] if r["method"] == "full/chat"]
     assert [r["info"]["truncated"] for r in full] == [False] * 3 + [True] * 3  # 1k > 512 positions
-    assert any("cut in the middle" in n for n in res["notes"]) and "kvpress" in res["skipped"]
-    rcc = [r for r in res["records"] if r["method"] == "rcc:manual" and r["length"] == 1024]
+    assert any("cut in the middle" in n for n in res["notes"])
+    assert set(res["skipped"]) <= {"kvpress:snapkv@8", "kvpress:expected_attention@8"}  # ran where .venv-kvpress is
+    rcc = [r for r in res["records"] if r["method"] == "rcc/manual" and r["length"] == 1024]
     assert all(r["info"]["slots"] == 128 for r in rcc)  # 1k tokens -> 16 windows of 64 -> 128 slots
-    groups = res["summary"]["rcc:manual"]["groups"]
+    assert [b["method"] for b in res["best"]] == ["rcc", "full", "recent", *kv]
+    for b in res["best"]:
+        assert b["run"] == f"{b['method']}/{b['prompt']}" and b["accuracy"] == max(b["runs"].values())
+    groups = res["summary"]["rcc/manual"]["groups"]
     assert [(g["length"], g["depth"]) for g in groups] == [(a, b) for a in (256, 1024) for b in (0, 0.5, 1)]
     for name in res["methods"]:
         assert name in table
+    assert "each method at its better prompt" in table
     assert "UNTRAINED" in table and "accuracy@length=1024" in table
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -316,16 +328,22 @@ def test_eval_needle_reconstruct_qa_cli(ckpt, tmp_path, capsys):
     out = tmp_path / "n.json"
     assert cli("eval", "needle", "--model", ckpt, "--haystack", DOC, "--needle", "The secret colour is teal.",
                "--question", "What is the secret colour?", "--answer", "teal", "--lengths", "300",
-               "--depths", "0,1", "--modes", "manual", "--baselines", "recent", "-o", out, "--quiet") == 0
+               "--depths", "0,1", "--modes", "manual", "--baselines", "recent", "--prompts", "chat", "-o", out,
+               "--quiet") == 0
     res = json.loads(out.read_text())
-    assert res["methods"] == ["rcc:manual", "recent"] and len(res["records"]) == 4
+    assert res["methods"] == ["rcc/manual", "recent/chat"] and len(res["records"]) == 4
     assert set(res["records"][0]["scores"]) == {"accuracy", "exact_match", "f1"}
 
     out = tmp_path / "r.json"
     assert cli("eval", "reconstruct", "--model", ckpt, "--text", DOC, "--lengths", "128,300", "--samples", "2",
                "--target-tokens", "12", "--baseline", "-o", out, "--quiet") == 0
     res = json.loads(out.read_text())
-    assert res["methods"] == ["rcc", "full", "recent"] and len(res["records"]) == 2 * 2 * 3
+    kv = [n for n in ("kvpress:snapkv@8", "kvpress:expected_attention@8") if n not in res["skipped"]]
+    assert res["methods"] == ["rcc", "full", "recent", *kv] and len(res["records"]) == 2 * 2 * (3 + len(kv))
+    for r in res["records"]:
+        if r["method"] in kv:  # continuation samples: the press keeps ceil(n / 8) of the context's positions
+            assert r["info"]["kv_positions"] == -(-r["info"]["context_tokens"] // 8)
+    assert res["best"] == [] or all(b["prompt"] is None for b in res["best"])
     for r in res["records"]:
         assert set(r["scores"]) == {"bleu4", "exact_prefix"} and 0 <= r["scores"]["bleu4"] <= 100
         assert len(TOK(r["prediction"], add_special_tokens=False)["input_ids"]) > 0
@@ -340,9 +358,9 @@ def test_eval_needle_reconstruct_qa_cli(ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert cli("eval", "qa", "--model", ckpt, "--data", data, "--max-new-tokens", "6", "-o", out) == 0
     res = json.loads(out.read_text())
-    assert len(res["records"]) == 4 and set(res["summary"]) == {"rcc:reconstruct", "rcc:manual"}
+    assert len(res["records"]) == 4 and set(res["summary"]) == {"rcc/reconstruct", "rcc/manual"}  # no cue: chat only
     assert res["records"][2]["answers"] == ["31 m", "thirty-one metres"]
-    assert set(res["summary"]["rcc:manual"]["overall"]) == {"n", "exact_match", "f1", "rouge_l"}
+    assert set(res["summary"]["rcc/manual"]["overall"]) == {"n", "exact_match", "f1", "rouge_l"}
     assert not out.with_suffix(".png").exists()  # QA has no picture
     assert "[4/4]" in capsys.readouterr().err  # progress lines
 
@@ -370,8 +388,11 @@ def test_passkey_on_the_embedded_smollm2_with_baselines(tmp_path):
     res = run_eval(model, cfg, output=tmp_path / "pk.json")
     for r in res["records"]:
         assert abs(r["depth_measured"] - r["depth"]) < 0.05 and 560 <= r["tokens"] <= 600
-    assert res["methods"] == ["rcc:manual", "full", "recent"]
-    full = [r for r in res["records"] if r["method"] == "full"]
+    assert res["methods"] == ["rcc/manual", "rcc/continuation", "full/chat", "full/continuation", "recent/chat",
+                              "recent/continuation"]
+    full = [r for r in res["records"] if r["family"] == "full"]
     assert not any(r["info"]["truncated"] for r in full) and all(r["prediction"] for r in full)
-    recent = [r for r in res["records"] if r["method"] == "recent"]
+    # the plain SmolLM2 reads a 5-digit key from 600 tokens when asked to continue "The pass key is"
+    assert res["summary"]["full/continuation"]["overall"]["accuracy"] >= 2 / 3
+    recent = [r for r in res["records"] if r["family"] == "recent"]
     assert all(r["info"]["kept_tokens"] == 32 for r in recent)  # 600 tokens -> two windows of 512 -> 32 slots

@@ -5,8 +5,8 @@
 - ``continue_ids(context_ids, prompt_ids, max_new_tokens) -> Prediction``
   (continuation samples: read the context, then continue the prompt).
 
-:class:`RCCMethod` is the model under test (one per instruction mode). The
-baselines run the decoder's backbone (LoRA adapters bypassed: for the bundled
+:class:`RCCMethod` is the model under test (its instruction mode is the
+chat prompt it answers in). The baselines run the decoder's backbone (LoRA adapters bypassed: for the bundled
 model, the plain SmolLM2) on the same samples:
 
 - :class:`FullContext` (``full``): the uncompressed decoder with the whole
@@ -14,13 +14,15 @@ model, the plain SmolLM2) on the same samples:
   is longer than the decoder's maximum positions; every cut is recorded.
 - :class:`RecentTokens` (``recent``): RCC's KV budget (as many positions as
   RCC's slots, n/r) filled with the most recent context tokens.
-- :class:`KVPressMethod` (``kvpress``): a press of NVIDIA's ``kvpress`` at
-  compression ratio 1 - 1/r, when kvpress works with the installed
-  transformers (see :func:`make_kvpress`).
+- ``kvpress:<press>@<ratio>``: a kvpress press, run in kvpress's own
+  environment (:mod:`rcc.eval.kvpress`), with :class:`FullContext`'s layout.
 
-The baselines' layout is the uncompressed chat of RCC's prompts:
-``HEADER + context + "\\n\\n" + question + ASSISTANT``; continuations are
-``context + cue``. Decoding is greedy, as RCC's.
+Every method answers a question sample with either of two prompts (the runner
+picks, :mod:`rcc.eval.runner`): the chat prompt (:meth:`answer`; the baselines'
+layout is the uncompressed chat of RCC's prompts, ``HEADER + context +
+"\\n\\n" + question + ASSISTANT``) or a continuation (:meth:`continue_ids`
+with :func:`continuation_prompt`: ``context + "\\n\\n" + "... The pass key is"``,
+no chat markers). Decoding is greedy, as RCC's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +40,9 @@ from ..hooks import cache_kwarg
 from ..ask import ask
 from ..prompts import ASSISTANT, END, HEADER, split_answer
 from .task import Prediction
+
+if TYPE_CHECKING:
+    from ..memory import CompressedContext
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +107,66 @@ def max_positions(decoder) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+def continuation_prompt(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The continuation prompt of a question sample as ``(context ids, prompt ids)``:
+    the context, then ``"\\n\\n" + continuation`` (e.g. ``"What is the pass key? The pass key is"``)."""
+    return _ids(tokenizer, context), _ids(tokenizer, "\n\n" + continuation)
+
+
+def continuation_answer(text: str, eos: str | None = None) -> str:
+    """The answer in a continuation: up to the first line break or end marker."""
+    for stop in (END, eos):
+        if stop and stop in text:
+            text = text.split(stop)[0]
+    return text.strip().split("\n")[0].strip()
+
+
 class RCCMethod:
-    """The RCC model in one instruction mode (``rcc:reconstruct`` / ``rcc:manual``;
-    ``rcc`` for continuations, which have no instruction)."""
+    """The RCC model: :meth:`answer` in an instruction mode (``reconstruct`` or
+    ``manual``), :meth:`continue_ids` for continuations. The last context it
+    compressed is kept, so the prompts of one sample compress it once
+    (``info.compress_reused``)."""
 
-    def __init__(self, model, mode: str | None, window_batch_size: int | None = 8):
-        self.model, self.mode, self.window_batch_size = model, mode, window_batch_size
-        self.name = f"rcc:{mode}" if mode else "rcc"
+    name = "rcc"
 
-    def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
+    def __init__(self, model, window_batch_size: int | None = 8):
+        self.model, self.window_batch_size = model, window_batch_size
+        self._last: tuple[torch.Tensor, CompressedContext] | None = None
+
+    def _compress(self, ids: torch.Tensor, prefix=None) -> tuple[CompressedContext, float | None]:
+        """``(memory of ids [1, n], seconds or None when reused)``."""
+        if prefix is None and self._last is not None and torch.equal(self._last[0], ids):
+            return self._last[1], None
+        t = time.perf_counter()
+        memory = self.model.compress(ids, window_batch_size=self.window_batch_size, prefix=prefix)
+        secs = time.perf_counter() - t
+        if prefix is None:
+            self._last = (ids, memory)
+        return memory, secs
+
+    def answer(self, context: str, question: str, max_new_tokens: int, mode: str = "manual") -> Prediction:
         # reconstruct mode writes the question back first: the same answer budget on top of it
-        extra = len(_ids(self.model.tokenizer, question + ASSISTANT)) if self.mode == "reconstruct" else 0
-        a = ask(self.model, context, question, mode=self.mode, max_new_tokens=max_new_tokens + extra,
-                window_batch_size=self.window_batch_size)
+        extra = len(_ids(self.model.tokenizer, question + ASSISTANT)) if mode == "reconstruct" else 0
+        timing: dict = {}
+
+        def compress(ids, prefix):
+            memory, timing["s"] = self._compress(ids, prefix)
+            return memory
+
+        a = ask(self.model, context, question, mode=mode, max_new_tokens=max_new_tokens + extra, compress=compress)
         return Prediction(a.answer, a.token_ids, {"slots": a.num_slots, "compressed_tokens": a.compressed_tokens,
-                                                  "compress_s": round(a.compress_seconds, 4),
+                                                  **self._timing(timing.get("s")),
                                                   "reconstructed_question": a.reconstructed_question})
 
     def continue_ids(self, context_ids: list[int], prompt_ids: list[int], max_new_tokens: int) -> Prediction:
-        t = time.perf_counter()
-        memory = self.model.compress(torch.tensor([context_ids]), window_batch_size=self.window_batch_size)
-        secs = time.perf_counter() - t
+        memory, secs = self._compress(torch.tensor([context_ids]))
         out = self.model.generate(memory, torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, eos_token_id=None)
         ids = out[0].tolist()
-        return Prediction(self.model.tokenizer.decode(ids), ids,
-                          {"slots": memory.num_slots, "compress_s": round(secs, 4)})
+        return Prediction(self.model.tokenizer.decode(ids), ids, {"slots": memory.num_slots, **self._timing(secs)})
+
+    @staticmethod
+    def _timing(secs: float | None) -> dict:
+        return {"compress_reused": True} if secs is None else {"compress_s": round(secs, 4)}
 
 
 class _DecoderMethod:
@@ -197,82 +238,3 @@ class RecentTokens(_DecoderMethod):
         n = len(context_ids)
         keep = min(self.budget(n), n, room)
         return context_ids[n - keep:], {"kept_tokens": keep, "budget": self.budget(n), "context_tokens": n}
-
-
-class KVPressMethod(FullContext):
-    """``kvpress:<Press>``: pre-fill the (position-limited) context under a
-    kvpress press, which shrinks the KV cache by its compression ratio, then
-    decode the question after it, its positions continuing the original text's.
-
-    Args:
-        press: a kvpress press object (``with press(model): ...``).
-    """
-
-    def __init__(self, decoder, tokenizer, press, limit: int | None = None):
-        super().__init__(decoder, tokenizer, limit)
-        self.press = press
-        self.name = f"kvpress:{type(press).__name__}"
-
-    @torch.no_grad()
-    def _prefill(self, ids: list[int]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        device = next(self.decoder.parameters()).device
-        with self.press(self.decoder):
-            self.decoder(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
-                         **{cache_kwarg(self.decoder): cache})
-        return cache
-
-    def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
-        pre, post = _ids(self.tokenizer, HEADER), _ids(self.tokenizer, "\n\n" + question + ASSISTANT)
-        ctx, info = self.select(_ids(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
-        with adapters.disabled(self.decoder):
-            cache = self._prefill(pre + ctx)
-            info["kv_positions"] = cache.get_seq_length()  # what the press kept, before decoding grows it
-            ids = greedy(self.decoder, post, max_new_tokens, self.stops, cache=cache, start=len(pre) + len(ctx))
-        return Prediction(_answer_text(self.tokenizer, ids), ids, info)
-
-    def continue_ids(self, context_ids, prompt_ids, max_new_tokens):
-        ctx, info = self.select(list(context_ids), self._room(len(prompt_ids), max_new_tokens))
-        with adapters.disabled(self.decoder):
-            cache = self._prefill(ctx)
-            info["kv_positions"] = cache.get_seq_length()
-            ids = greedy(self.decoder, list(prompt_ids), max_new_tokens, cache=cache, start=len(ctx))
-        return Prediction(self.tokenizer.decode(ids), ids, info)
-
-
-def make_kvpress(press_name: str, compression_ratio: float):
-    """``(press, None)`` or ``(None, why it cannot run)``.
-
-    kvpress installs forward hooks on the attention layers that read the
-    ``past_key_values`` and ``cache_position`` arguments; transformers 5.2x
-    passes the cache as ``cache`` and no longer passes ``cache_position``, and
-    kvpress (0.5.5) declares ``transformers<5.3``. The declared requirement is
-    checked before a press is built, so an incompatible install is reported,
-    not run.
-    """
-    try:
-        import kvpress
-    except Exception as err:  # not installed, or installed without its dependencies
-        return None, (f"kvpress is not importable ({type(err).__name__}: {err}); kvpress 0.5.5 needs "
-                      "transformers<5.3, which this package does not support (see docs/benchmarks.md)")
-    from importlib.metadata import PackageNotFoundError, requires, version
-
-    import transformers
-    from packaging.requirements import Requirement
-
-    try:
-        reqs = [Requirement(r) for r in requires("kvpress") or []]
-        kv_version = version("kvpress")
-    except PackageNotFoundError:
-        reqs, kv_version = [], "?"
-    for req in reqs:
-        if req.name == "transformers" and not req.marker and transformers.__version__ not in req.specifier:
-            return None, (f"kvpress {kv_version} requires transformers{req.specifier} but {transformers.__version__} "
-                          "is installed; its hooks read `past_key_values`/`cache_position`, which this "
-                          "transformers no longer passes to attention layers")
-    cls = getattr(kvpress, press_name, None)
-    if cls is None:
-        return None, f"kvpress has no press named {press_name!r}"
-    return cls(compression_ratio=compression_ratio), None

@@ -13,7 +13,8 @@ from ..io import parse_length, parse_lengths  # noqa: F401  (re-exported: rcc.ev
 from ..prompts import MODES
 
 TASK_NAMES = ("passkey", "needle", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
-BASELINES = ("full", "recent", "kvpress")
+BASELINES = ("full", "recent", "kvpress:PRESS@RATIO")
+PROMPTS = ("chat", "continuation")
 
 
 def parse_depths(text: str | list) -> list[float]:
@@ -37,6 +38,24 @@ def parse_depths(text: str | list) -> list[float]:
     if not out:
         raise RCCError("no depths given; e.g. --depths 0,0.5,1")
     return out
+
+
+def parse_baselines(text: str | list) -> list[str]:
+    """``full``, ``recent`` and ``kvpress:PRESS@RATIO`` items (:func:`rcc.eval.kvpress.parse_spec`),
+    comma-separated; a kvpress item is kept as written (lower-case press names are fine).
+
+    Raises:
+        RCCError: on an unknown baseline or a malformed kvpress item.
+    """
+    from .kvpress import parse_spec
+
+    items = [x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x.strip()]
+    for x in items:
+        if x.startswith("kvpress"):
+            parse_spec(x)
+        elif x not in ("full", "recent"):
+            raise RCCError(f"unknown baseline {x!r}; use full, recent or kvpress:PRESS@RATIO (e.g. kvpress:snapkv@16)")
+    return list(dict.fromkeys(items))
 
 
 def parse_list(text: str | list, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -70,8 +89,15 @@ class EvalConfig:
         baselines: any of ``full`` (the uncompressed decoder, cut in the middle
             to its maximum positions), ``recent`` (the decoder with RCC's KV
             budget, n/r positions, keeping the most recent tokens) and
-            ``kvpress`` (a kvpress press at compression ratio 1 - 1/r).
-        kvpress_press: the kvpress class used by the ``kvpress`` baseline.
+            ``kvpress:PRESS@RATIO`` (a kvpress press keeping 1/RATIO of the
+            context's KV positions; no ``@``: the model's ratio), run in
+            kvpress's own environment (:mod:`rcc.eval.kvpress`).
+        prompts: ``chat`` and/or ``continuation``: the prompts every method
+            answers question samples with (RCC's chat prompts are ``modes``);
+            the continuation needs samples with a cue (passkey, needle).
+        kvpress_python: the interpreter of kvpress's environment (None: found,
+            see :func:`rcc.eval.kvpress.find_python`).
+        cue: the needle task's continuation cue (None: the needle up to the answer).
         window_batch_size: windows RCC encodes per step.
         haystack, needle, question, answer: the needle task's inputs (a text
             file path and three strings).
@@ -93,12 +119,14 @@ class EvalConfig:
     seed: int = 0
     max_new_tokens: int | None = None
     baselines: list[str] = field(default_factory=list)
-    kvpress_press: str = "KnormPress"
+    prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
+    kvpress_python: str | None = None
     window_batch_size: int | None = 8
     haystack: str | None = None
     needle: str | None = None
     question: str | None = None
     answer: str | None = None
+    cue: str | None = None
     text: str | None = None
     cue_tokens: int = 16
     target_tokens: int = 64
@@ -111,7 +139,14 @@ class EvalConfig:
         self.lengths = parse_lengths(self.lengths)
         self.depths = parse_depths(self.depths)
         self.modes = parse_list(self.modes, MODES, "mode")
-        self.baselines = parse_list(self.baselines, BASELINES, "baseline")
+        self.baselines = parse_baselines(self.baselines)
+        if self.kvpress_python:  # checked before the (slow) model load
+            from .kvpress import find_python
+
+            find_python(self.kvpress_python)
+        self.prompts = parse_list(self.prompts, PROMPTS, "prompt")
+        if not self.prompts:
+            raise RCCError("no prompt given; use --prompts chat,continuation")
         if not self.modes and self.task != "reconstruct":
             raise RCCError("no instruction mode given; use --modes reconstruct,manual")
         for name in ("samples", "cue_tokens", "target_tokens"):
@@ -145,14 +180,18 @@ class EvalConfig:
         Raises:
             RCCError: on bad values.
         """
+        from .kvpress import DEFAULT_PRESSES
+
         task_defaults = {"max_new_tokens": None, "haystack": None, "needle": None, "question": None, "answer": None,
-                         "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None}
+                         "cue": None, "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None}
         opts = {k: getattr(args, k, v) for k, v in task_defaults.items()}
-        baselines = ["full", "recent", "kvpress"] if args.baseline else (args.baselines or "")
+        baselines = args.baselines or ""
+        if args.baseline:
+            baselines = ",".join(["full", "recent", *(f"kvpress:{p}" for p in DEFAULT_PRESSES), baselines])
         return cls(task=args.task, lengths=getattr(args, "lengths", "4k"), depths=getattr(args, "depths", "0"),
                    modes=getattr(args, "modes", "reconstruct,manual"), samples=getattr(args, "samples", 1),
-                   seed=args.seed, baselines=baselines, kvpress_press=args.kvpress_press,
-                   window_batch_size=args.window_batch_size, **opts)
+                   seed=args.seed, baselines=baselines, prompts=getattr(args, "prompts", ",".join(PROMPTS)),
+                   kvpress_python=args.kvpress_python, window_batch_size=args.window_batch_size, **opts)
 
 
 def _common(p, lengths: str | None, modes: bool = True) -> None:
@@ -165,10 +204,16 @@ def _common(p, lengths: str | None, modes: bool = True) -> None:
     if modes:
         p.add_argument("--modes", default="reconstruct,manual", help="RCC instruction modes (default both)")
         p.add_argument("--max-new-tokens", type=int, help="the answer's token budget (default: the task's)")
+        p.add_argument("--prompts", default=",".join(PROMPTS),
+                       help="prompts every method answers with: chat and/or continuation (default both; "
+                            "the table reports each method at its better one)")
     p.add_argument("--baseline", action="store_true",
-                   help="also run the baselines full, recent and kvpress on the same samples")
-    p.add_argument("--baselines", help="a subset of the baselines, e.g. full,recent")
-    p.add_argument("--kvpress-press", default="KnormPress", help="kvpress press for the kvpress baseline")
+                   help="also run the baselines full, recent, kvpress:snapkv and kvpress:expected_attention "
+                        "(at the model's ratio) on the same samples")
+    p.add_argument("--baselines", help="baselines to run: full, recent, kvpress:PRESS@RATIO (e.g. "
+                                       "full,recent,kvpress:snapkv@16,kvpress:expected_attention@32)")
+    p.add_argument("--kvpress-python", help=f"python of the kvpress environment (default: ${{RCC_KVPRESS_PYTHON}}, "
+                                            "else .venv-kvpress made by scripts/kvpress_env.sh)")
     p.add_argument("--seed", type=int, default=0, help="seed of keys, offsets and spans (default 0)")
     p.add_argument("-o", "--output", help="JSON result file (default runs/eval-TASK.json)")
     p.add_argument("--plot", help="PNG file (default: beside the JSON)")
@@ -190,6 +235,8 @@ def add_arguments(p) -> None:
     t.add_argument("--needle", required=True, help="the sentence to hide, e.g. 'The secret number is 42.'")
     t.add_argument("--question", required=True, help="the question about it")
     t.add_argument("--answer", required=True, help="the expected answer")
+    t.add_argument("--cue", help="the continuation prompt's cue after the question (default: the needle up to "
+                                 "the answer, e.g. 'The secret number is')")
     t = sub.add_parser("reconstruct", help="reproduce compressed held-out text: BLEU-4 and exact prefix")
     _common(t, "1k,4k", modes=False)
     t.add_argument("--text", required=True, help="UTF-8 held-out text file")

@@ -23,6 +23,18 @@ METRICS = ("accuracy", "exact_match", "f1")
 MAX_NEW_TOKENS = 32
 
 
+def continuation(cfg: EvalConfig) -> str:
+    """The continuation prompt's text: the question, then a cue the answer
+    continues: ``cfg.cue``, else the needle up to the answer ("The secret
+    ingredient of the cake is" for "The secret ingredient of the cake is
+    cardamom."), else ``"Answer:"``."""
+    cue = cfg.cue
+    if not cue:
+        at = cfg.needle.lower().find(cfg.answer.lower().strip())
+        cue = cfg.needle[:at].strip() if at > 0 else "Answer:"
+    return f"{cfg.question.strip()} {cue.strip()}"
+
+
 def examples(cfg: EvalConfig, tokenizer) -> list[Example]:
     """One sample per (length, depth, sample index); each sample starts
     reading the haystack at a seeded sentence.
@@ -31,6 +43,7 @@ def examples(cfg: EvalConfig, tokenizer) -> list[Example]:
         RCCError: when the haystack file cannot be read or a length is too short.
     """
     pieces = split_sentences(read_text(cfg.haystack))
+    cont = continuation(cfg)
     out = []
     for length in cfg.lengths:
         for depth in cfg.depths:
@@ -41,7 +54,8 @@ def examples(cfg: EvalConfig, tokenizer) -> list[Example]:
                     log.warning("the haystack (%s) is shorter than %d tokens: its text was repeated %.1f times",
                                 cfg.haystack, length, hs.source_repeats)
                 out.append(Example(
-                    id=f"len{length}-d{depth:g}-s{s}", context=hs.text, question=cfg.question, answers=[cfg.answer],
+                    id=f"len{length}-d{depth:g}-s{s}", context=hs.text, question=cfg.question, continuation=cont,
+                    answers=[cfg.answer],
                     meta={"length": length, "depth": depth, "tokens": hs.tokens, "needle_offset": hs.needle_offset,
                           "depth_measured": round(hs.depth, 4), "source_repeats": round(hs.source_repeats, 3)},
                 ))

@@ -6,7 +6,9 @@ at a chosen depth, then the question.
 
 Lengths count the context (instruction + filler + needle) in tokens of the
 model's tokenizer; the question comes on top (compressed with the context in
-RCC's reconstruct mode, written in the prompt in manual mode).
+RCC's reconstruct mode, written in the prompt in manual mode). The question
+ends in its own cue, so the continuation prompt is the question itself without
+the chat template.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def examples(cfg: EvalConfig, tokenizer) -> list[Example]:
                 hs = build_haystack(tokenizer, list(FILLER), NEEDLE.format(key=key), length, depth,
                                     instruction=INSTRUCTION)
                 out.append(Example(
-                    id=f"len{length}-d{depth:g}-s{s}", context=hs.text, question=QUESTION, answers=[key],
+                    id=f"len{length}-d{depth:g}-s{s}", context=hs.text, question=QUESTION, continuation=QUESTION,
+                    answers=[key],
                     meta={"length": length, "depth": depth, "key": key, "tokens": hs.tokens,
                           "needle_offset": hs.needle_offset, "depth_measured": round(hs.depth, 4)},
                 ))

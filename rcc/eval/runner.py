@@ -11,14 +11,17 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
 from ..adapters import has_lora
 from ..errors import RCCError
 from ..io import render_table, versions, write_json
+from ..prompts import MODES
 from . import baselines, needle, passkey, qa, reconstruct
 from .config import EvalConfig
+from .kvpress import KVPressBaselines, parse_spec
 from .task import Example, Prediction
 
 log = logging.getLogger(__name__)
@@ -47,35 +50,66 @@ def model_identity(model, spec: str | None = None) -> dict:
     }
 
 
-def build_methods(model, cfg: EvalConfig, question_task: bool) -> tuple[list, dict[str, str]]:
-    """The RCC method(s) and the requested baselines; ``skipped`` maps a baseline
-    that cannot run to the reason."""
-    methods: list = []
-    if question_task:
-        methods += [baselines.RCCMethod(model, m, cfg.window_batch_size) for m in cfg.modes]
-    else:
-        methods.append(baselines.RCCMethod(model, None, cfg.window_batch_size))
-    skipped: dict[str, str] = {}
+@dataclass
+class Run:
+    """One method with one prompt: ``prompt`` is an instruction mode (RCC's chat
+    prompts), ``"chat"``, ``"continuation"``, or None on continuation tasks
+    (whose samples are continuations already)."""
+
+    method: object
+    prompt: str | None
+
+    @property
+    def name(self) -> str:
+        return self.method.name if self.prompt is None else f"{self.method.name}/{self.prompt}"
+
+
+def build_runs(model, cfg: EvalConfig, question_task: bool, continuation: bool,
+               extra_methods: list | None = None) -> tuple[list[Run], KVPressBaselines | None]:
+    """The runs of an evaluation: RCC in each instruction mode (its chat prompts)
+    and each baseline with the chat prompt, each also with the continuation
+    prompt when the samples have one (``continuation``) and ``cfg.prompts`` asks
+    for it; the kvpress baselines, which run apart, as a :class:`KVPressBaselines`."""
     tok = model.tokenizer
+    rcc = baselines.RCCMethod(model, cfg.window_batch_size)
+    methods = []
     for name in cfg.baselines:
         if name == "full":
             methods.append(baselines.FullContext(model.decoder, tok))
         elif name == "recent":
             methods.append(baselines.RecentTokens(model.decoder, tok, budget=model.config.slots_for))
-        elif name == "kvpress":
-            press, why = baselines.make_kvpress(cfg.kvpress_press, 1.0 - 1.0 / model.config.ratio)
-            if press is None:
-                skipped["kvpress"] = why
-                log.warning("kvpress baseline skipped: %s", why)
-            else:
-                methods.append(baselines.KVPressMethod(model.decoder, tok, press))
-    return methods, skipped
+    extra = list(extra_methods or [])
+    if not question_task:
+        return [Run(m, None) for m in [rcc, *methods, *extra]], _kvpress(model, cfg)
+    cont = continuation and "continuation" in cfg.prompts
+    chat = "chat" in cfg.prompts
+    runs = [Run(rcc, mode) for mode in (cfg.modes if chat else [])] + ([Run(rcc, "continuation")] if cont else [])
+    for m in methods:
+        runs += ([Run(m, "chat")] if chat else []) + ([Run(m, "continuation")] if cont else [])
+    runs += [Run(m, p) for m in extra for p in getattr(m, "prompts", ("chat",)) if p == "chat" or cont]
+    return runs, _kvpress(model, cfg)
 
 
-def predict(method, example: Example, max_new_tokens: int) -> Prediction:
-    if example.is_question:
-        return method.answer(example.context, example.question, max_new_tokens)
-    return method.continue_ids(example.context_ids, example.prompt_ids, len(example.target_ids))
+def _kvpress(model, cfg: EvalConfig) -> KVPressBaselines | None:
+    specs = [parse_spec(b) for b in cfg.baselines if b.startswith("kvpress")]
+    if not specs:
+        return None
+    return KVPressBaselines(model.decoder, model.tokenizer, specs, model.config.ratio, python=cfg.kvpress_python)
+
+
+def predict(run: Run, example: Example, max_new_tokens: int) -> Prediction:
+    method, tok = run.method, getattr(run.method, "tokenizer", None)
+    if not example.is_question:
+        return method.continue_ids(example.context_ids, example.prompt_ids, len(example.target_ids))
+    if run.prompt == "continuation":
+        tok = tok or method.model.tokenizer
+        ctx, prompt = baselines.continuation_prompt(tok, example.context, example.continuation)
+        pred = method.continue_ids(ctx, prompt, max_new_tokens)
+        pred.text = baselines.continuation_answer(pred.text, tok.eos_token)
+        return pred
+    if run.prompt in MODES:
+        return method.answer(example.context, example.question, max_new_tokens, mode=run.prompt)
+    return method.answer(example.context, example.question, max_new_tokens)
 
 
 def summarize(records: list[dict], group_by: tuple[str, ...], metrics: tuple[str, ...]) -> dict:
@@ -115,13 +149,45 @@ def _notes(model, records: list[dict], skipped: dict[str, str]) -> list[str]:
             notes.append(f"{name}: {len(cut)} of {sum(r['method'] == name for r in records)} samples were longer than "
                          f"the decoder's {limit} positions and were cut in the middle to "
                          f"{', '.join(map(str, kept))} context tokens (records: info.truncated)")
-    if has_lora(model.decoder) and any(r["method"] != "rcc" and not r["method"].startswith("rcc:") for r in records):
+    if has_lora(model.decoder) and any(r["family"] != "rcc" for r in records):
         notes.append("baselines run the decoder's backbone with its LoRA adapters bypassed (the uncompressed base model)")
-    if any(r["method"] == "recent" for r in records):
+    if any(r["family"] == "recent" for r in records):
         notes.append("recent: keeps as many of the most recent context tokens as RCC has slots (n/r, padded to whole windows)")
+    if any(r["family"].startswith("kvpress:") for r in records):
+        notes.append("kvpress:PRESS@R: the press pre-fills what `full` reads (cut in the middle past the decoder's "
+                     "positions) and keeps ceil(n/R) KV positions of an n-token context (records: info.kv_positions, "
+                     "measured in every layer); the question or cue is decoded after them, uncompressed")
+    if any(r["prompt"] == "continuation" for r in records):
+        notes.append("prompts: chat = the question in the chat template (RCC: its instruction modes); continuation = "
+                     "the context, a blank line and a cue to continue ('What is the pass key? The pass key is'), no "
+                     "chat markers, the answer read up to the first line break. `best` takes each method's better "
+                     "prompt by its overall score on these same samples")
     for name, why in skipped.items():
         notes.append(f"{name}: skipped: {why}")
     return notes
+
+
+def best_prompts(records: list[dict], summary: dict, metric: str) -> list[dict]:
+    """Each method's better prompt: the run with the highest overall ``metric``
+    (ties: the first run, chat before continuation)."""
+    out = []
+    for family in dict.fromkeys(r["family"] for r in records):
+        runs = list(dict.fromkeys(r["method"] for r in records if r["family"] == family))
+        best = max(runs, key=lambda run: (summary[run]["overall"][metric], -runs.index(run)))
+        prompt = next(r["prompt"] for r in records if r["method"] == best)
+        out.append({"method": family, "prompt": prompt, "run": best, metric: summary[best]["overall"][metric],
+                    "runs": {run: summary[run]["overall"][metric] for run in runs}})
+    return out
+
+
+def _record(task, ex: Example, run_name: str, family: str, prompt: str | None, pred: Prediction, secs: float) -> dict:
+    rec = {"id": ex.id, "method": run_name, "family": family, "prompt": prompt, **ex.meta, "prediction": pred.text,
+           "scores": task.score(ex, pred), "seconds": round(secs, 4), "info": pred.info}
+    if ex.is_question:
+        rec["question"], rec["answers"] = ex.question, ex.answers
+    else:
+        rec["reference"] = ex.answers[0]
+    return rec
 
 
 def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spec: str | None = None,
@@ -134,11 +200,16 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
         output: JSON file to write (atomically); None writes nothing.
         model_spec: how the model was named (recorded).
         extra_methods: more methods to compare (objects with ``name``,
-            ``answer`` and ``continue_ids``, see :mod:`rcc.eval.baselines`).
+            ``answer`` and ``continue_ids``, see :mod:`rcc.eval.baselines`;
+            on question samples they get the chat prompt, and the continuation
+            too when they list it in a ``prompts`` attribute).
         progress: called with a one-line message after every prediction.
     Returns:
         ``{"task", "created", "seed", "config", "model", "versions", "methods",
-        "skipped", "notes", "summary", "records"}``.
+        "skipped", "notes", "summary", "best", "records"}``; ``methods`` and the
+        keys of ``summary`` are runs, ``method/prompt`` on question tasks
+        (``rcc/manual``, ``full/continuation``, ``kvpress:snapkv@16/chat``);
+        ``best`` gives each method's better prompt.
     Raises:
         RCCError: without a tokenizer, or on bad task inputs.
     """
@@ -147,27 +218,39 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
     task = TASKS[cfg.task]
     examples = task.examples(cfg, model.tokenizer)
     question_task = examples[0].is_question if examples else True
-    methods, skipped = build_methods(model, cfg, question_task)
-    methods += list(extra_methods or [])
+    continuation = question_task and all(ex.continuation for ex in examples)
+    runs, kv = build_runs(model, cfg, question_task, continuation, extra_methods)
     max_new = cfg.max_new_tokens or getattr(task, "MAX_NEW_TOKENS", 32)
+    kv_prompts = [p for p in ("chat", "continuation") if p in cfg.prompts and (p == "chat" or continuation)]
+    kv_runs = [] if kv is None else [f"{n}/{p}" if question_task else n for n in kv.names for p in
+                                     (kv_prompts if question_task else [None])]
     records = []
-    total = len(examples) * len(methods)
+    total = len(examples) * (len(runs) + len(kv_runs))
+    order = {name: i for i, name in enumerate([r.name for r in runs] + kv_runs)}
     for ex in examples:
-        for method in methods:
+        for run in runs:
             t = time.perf_counter()
-            pred = predict(method, ex, max_new)
-            secs = time.perf_counter() - t
-            scores = task.score(ex, pred)
-            rec = {"id": ex.id, "method": method.name, **ex.meta, "prediction": pred.text, "scores": scores,
-                   "seconds": round(secs, 4), "info": pred.info}
-            if ex.is_question:
-                rec["question"], rec["answers"] = ex.question, ex.answers
-            else:
-                rec["reference"] = ex.answers[0]
+            pred = predict(run, ex, max_new)
+            rec = _record(task, ex, run.name, run.method.name, run.prompt, pred, time.perf_counter() - t)
             records.append(rec)
             if progress is not None:
-                shown = ", ".join(f"{k} {v:.3g}" for k, v in scores.items())
-                progress(f"[{len(records)}/{total}] {ex.id} {method.name}: {shown} ({secs:.1f} s)")
+                shown = ", ".join(f"{k} {v:.3g}" for k, v in rec["scores"].items())
+                progress(f"[{len(records)}/{total}] {ex.id} {run.name}: {shown} ({rec['seconds']:.1f} s)")
+    skipped: dict[str, str] = {}
+    if kv is not None:
+        items, layout = kv.items(examples, kv_prompts, max_new)
+        outputs, skipped = kv.run(items, progress)
+        for name, got in outputs.items():
+            for key, out in got.items():
+                i, prompt, info = layout[key]
+                pred = kv.prediction(prompt, out, info)
+                run_name = name if prompt is None else f"{name}/{prompt}"
+                records.append(_record(task, examples[i], run_name, name, prompt, pred, out["seconds"]))
+        for name, why in skipped.items():
+            log.warning("%s skipped: %s", name, why)
+        index = {ex.id: i for i, ex in enumerate(examples)}
+        records.sort(key=lambda r: (index[r["id"]], order[r["method"]]))
+    summary = summarize(records, task.GROUP_BY, task.METRICS)
     result = {
         "task": cfg.task,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -175,13 +258,15 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
         "config": cfg.to_dict(),
         "model": model_identity(model, model_spec),
         "versions": versions(),
-        "methods": [m.name for m in methods],
+        "methods": list(dict.fromkeys(r["method"] for r in records)),
         "group_by": list(task.GROUP_BY),
         "metrics": list(task.METRICS),
         "max_new_tokens": max_new,
         "skipped": skipped,
+        "kvpress": None if kv is None else kv.details,
         "notes": _notes(model, records, skipped),
-        "summary": summarize(records, task.GROUP_BY, task.METRICS),
+        "summary": summary,
+        "best": best_prompts(records, summary, task.METRICS[0]),
         "records": records,
     }
     if output is not None:
@@ -191,7 +276,8 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
 
 def format_table(result: dict) -> str:
     """Methods as rows; the headline metric per value of the first group key
-    (e.g. per length), then every metric over all samples."""
+    (e.g. per length), then every metric over all samples. With a choice of
+    prompts, first each method at its better prompt, then every run."""
     metrics, group_by = result["metrics"], result["group_by"]
     head = metrics[0]
     first = group_by[0] if group_by else None
@@ -201,13 +287,18 @@ def format_table(result: dict) -> str:
             for g in entry.get(f"by_{first}", entry.get("groups", [])):
                 if g[first] not in values:
                     values.append(g[first])
-    header = ["method"] + [f"{head}@{first}={v}" for v in values] + [f"{m} (all)" for m in metrics] + ["n"]
-    rows = []
-    for name, entry in result["summary"].items():
+
+    def row(name: str, entry: dict) -> list:
         per = {g[first]: g[head] for g in entry.get(f"by_{first}", entry.get("groups", []))} if first else {}
-        rows.append([name] + [per.get(v, "-") for v in values] + [entry["overall"][m] for m in metrics]
-                    + [entry["overall"]["n"]])
-    text = render_table(header, rows)
+        return ([per.get(v, "-") for v in values] + [entry["overall"][m] for m in metrics] + [entry["overall"]["n"]])
+
+    cols = [f"{head}@{first}={v}" for v in values] + [f"{m} (all)" for m in metrics] + ["n"]
+    text = ""
+    best = result.get("best") or []
+    if any(b["prompt"] is not None for b in best) and len(result["summary"]) > len(best):
+        rows = [[b["method"], b["prompt"]] + row(b["run"], result["summary"][b["run"]]) for b in best]
+        text = "each method at its better prompt:\n" + render_table(["method", "prompt"] + cols, rows) + "\n\nall runs:\n"
+    text += render_table(["method"] + cols, [[name] + row(name, entry) for name, entry in result["summary"].items()])
     if result.get("notes"):
         text += "\n" + "\n".join(f"note: {n}" for n in result["notes"])
     return text

@@ -9,7 +9,8 @@ A task is a module with:
 - ``score(example, prediction) -> dict[str, float]``.
 
 A sample is either a question about a text (``question`` set: the methods
-answer it, in both instruction modes for RCC) or a continuation of token ids
+answer it, in both instruction modes for RCC, and, when ``continuation`` is set,
+with a continuation prompt too) or a continuation of token ids
 (``prompt_ids`` set: the methods continue the prompt after reading the context).
 """
 
@@ -28,6 +29,9 @@ class Example:
         context: the text a method reads (for RCC: compresses), or None when the
             sample is given as ``context_ids``.
         question: asked after the context (question samples).
+        continuation: the text after the context in the continuation prompt,
+            ending in a cue the answer continues (``"What is the pass key? The
+            pass key is"``); None: the sample has only the chat prompt.
         answers: reference answers (question samples) or the reference text.
         context_ids: ``[n]`` context token ids (continuation samples).
         prompt_ids: ``[m]`` the cue the decoder continues from (continuation samples).
@@ -38,6 +42,7 @@ class Example:
     id: str
     context: str | None = None
     question: str | None = None
+    continuation: str | None = None
     answers: list[str] = field(default_factory=list)
     context_ids: list[int] | None = None
     prompt_ids: list[int] | None = None
