@@ -101,7 +101,7 @@ class RCCLM(TemplateLM):
         self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:
             raise RCCError(f"{self.name} has no tokenizer; lm-eval tasks are text (give a model with one, or base_model)")
-        self._warned_split = False
+        self._warned_split, self._empty = False, None
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "RCCLM":
@@ -138,6 +138,14 @@ class RCCLM(TemplateLM):
 
     def tok_decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """``--apply_chat_template``: the tokenizer's own chat template (SmolLM2's ChatML for the
+        bundled model); with ``split`` unset the template's tail is what the decoder reads raw."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RCCError(f"{self.name}'s tokenizer has no chat template; drop --apply_chat_template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
 
     def split_request(self, context: str, continuation: str | None = None
                       ) -> tuple[list[int], list[int], list[int]]:
@@ -226,11 +234,9 @@ class RCCLM(TemplateLM):
             for start in range(0, len(ids), W):
                 chunk = ids[start : start + W]
                 before = [self.prefix_token_id] if start == 0 else ids[start - 1 : start]
-                if memory is None:
-                    window_memory = self._compress([self.prefix_token_id])
-                else:
-                    window_memory = memory
-                total += self.score(window_memory, [(before, chunk)])[0][0]
+                if memory is None and self._empty is None:  # the first window reads the end-of-text token
+                    self._empty = self._compress([self.prefix_token_id])
+                total += self.score(self._empty if memory is None else memory, [(before, chunk)])[0][0]
                 if start + W < len(ids):  # the next window reads this one compressed
                     memory = self._compress(chunk, prefix=memory)
             out.append(total)

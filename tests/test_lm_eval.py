@@ -132,6 +132,12 @@ def test_bad_model_args_are_errors_that_say_what_to_do(saved):
     # and the model's own arguments win over lm-eval's
     lm = RCCLM.create_from_arg_string(f"model={saved[0]},batch_size=3", {"device": "cuda:0", "batch_size": 7})
     assert lm.batch_size == 3 and (torch.cuda.is_available() or lm.device.type == "cpu")
+    chat = [{"role": "user", "content": "Who rowed?"}]
+    with pytest.raises(RCCError, match="no chat template; drop --apply_chat_template"):
+        lm.apply_chat_template(chat)
+    lm.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert lm.apply_chat_template(chat) == "<|im_start|>user\nWho rowed?<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.slow  # lm-eval's command line (it indexes its ~15k built-in tasks: ~10 s), one task
