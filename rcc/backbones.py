@@ -161,6 +161,53 @@ def model_from_config(cfg: dict, dtype: torch.dtype | None, where: str) -> nn.Mo
     return model.eval()
 
 
+RANDOM = "random:"
+#: well-known backbones' architectures, built with random weights by :func:`random_backbone`
+#: (memory and speed do not depend on the weights: a benchmark of a 1.4B model needs no download)
+SHAPES = {
+    # EleutherAI/pythia-1.4b's config.json (the paper's backbone, spec section 5)
+    "pythia-1.4b": dict(model_type="gpt_neox", hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=8192, rotary_pct=0.25, rotary_emb_base=10000,
+                        max_position_embeddings=2048, vocab_size=50304, use_parallel_residual=True,
+                        layer_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="gelu", bos_token_id=0,
+                        eos_token_id=0),
+}
+
+
+def parse_random(spec: str) -> tuple[str, int | None]:
+    """``"random:NAME[:layers=N]"`` -> ``(NAME, N or None)``.
+
+    Raises:
+        RCCError: for an unknown name or a bad layer count.
+    """
+    name, _, rest = spec.removeprefix(RANDOM).partition(":")
+    if name not in SHAPES:
+        raise RCCError(f"{spec}: unknown shape {name!r}; use one of {', '.join(RANDOM + n for n in SHAPES)} "
+                       "(optionally :layers=N for a depth-reduced copy)")
+    if not rest:
+        return name, None
+    key, _, value = rest.partition("=")
+    if key != "layers" or not value.isdigit() or int(value) < 1:
+        raise RCCError(f"{spec}: expected {RANDOM}{name}:layers=N with N >= 1 (the depth), got {rest!r}")
+    return name, int(value)
+
+
+def random_backbone(spec: str, dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+    """A causal LM of a known architecture (:data:`SHAPES`) with random weights, e.g.
+    ``"random:pythia-1.4b"`` or, depth-reduced (same width, heads and vocabulary),
+    ``"random:pythia-1.4b:layers=2"``. No tokenizer: feed it token ids.
+
+    Raises:
+        RCCError: for an unknown name or a bad layer count (:func:`parse_random`).
+    """
+    name, layers = parse_random(spec)
+    cfg = dict(SHAPES[name])
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    return model_from_config(cfg, dtype, spec)
+
+
 def resolve_local_or_hub(name_or_path: str, allow_patterns: list[str] | None = None) -> Path:
     """A local folder as it is, or a hub repo downloaded to the local cache.
 

@@ -17,7 +17,12 @@ then measures one request:
 Recorded per point: peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated``
 on GPU), memory after loading, compression time, time to first token (from
 holding the token ids to the first new token: compression + pre-fill for
-RCC, pre-fill for the backbone), decode tokens/s (after the first token).
+RCC, pre-fill for the backbone), decode tokens/s (after the first token; with
+``repeats`` > 1 the median, min and max over that many decodes from the same
+pre-filled cache), the torch threads used and the load average around the point
+(decode speed on a shared CPU depends on both: torch's threads wait for each
+other at every operation, so a busy machine slows a 2-thread decode far more
+than a 1-thread one).
 The memory slope of each kind is a least-squares line of peak memory against
 context length, in MiB per 1k (1024) tokens.
 """
@@ -33,6 +38,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -72,6 +78,9 @@ class BenchConfig:
         backbone_max_length: skip the backbone above this length (its pre-fill
             is quadratic: hours on a CPU at long lengths).
         timeout_s: per point; a point that runs longer is recorded as failed.
+        threads: torch intra-op threads in each child (None: torch's default, one per core).
+        repeats: decodes timed per point (the first is the measured request; the others
+            decode ``new_tokens`` again from the same context, compressed or pre-filled once more).
 
     Raises:
         RCCError: on bad lengths, kinds or counts.
@@ -90,6 +99,8 @@ class BenchConfig:
     backbone_max_length: int | None = None
     seed: int = 0
     timeout_s: float | None = None
+    threads: int | None = None
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         self.lengths = sorted(set(parse_lengths(self.lengths)))
@@ -98,6 +109,10 @@ class BenchConfig:
             raise RCCError(f"unknown kinds {bad}; use rcc, backbone and/or forward")
         if self.new_tokens < 2:
             raise RCCError("new-tokens must be at least 2 (one for the first token, more to time decoding)")
+        if self.threads is not None and self.threads < 1:
+            raise RCCError(f"threads must be at least 1, got {self.threads}")
+        if self.repeats < 1:
+            raise RCCError(f"repeats must be at least 1, got {self.repeats}")
         if self.backbone_max_length is not None:
             self.backbone_max_length = parse_lengths([self.backbone_max_length])[0]
 
@@ -201,8 +216,45 @@ def _kv_bytes_per_position(decoder, dtype_bytes: int) -> int:
     return 2 * layers * heads * head_dim * dtype_bytes
 
 
+def _tok_s(times: list[float]) -> float | None:
+    """Decode tokens/s from the arrival times of the new tokens (after the first)."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
+
+
+def _decode_again(model, kind: str, ids, prompt, new_tokens: int, window_batch_size: int | None, times: int):
+    """``times`` more timed decodes of ``new_tokens`` after the same context, from one state made
+    once: RCC's memory (each ``generate`` copies it) or the backbone's cache pre-filled with all
+    but the last prompt token (copied for each). Returns ``[(tokens/s, new ids [1, new_tokens])]``."""
+    import torch
+
+    from . import hooks
+    from .memory import cache_from, kv_of
+
+    decoder, runs = model.decoder, []
+    if kind == "rcc":
+        memory = model.compress(ids, window_batch_size)
+    else:
+        from transformers import DynamicCache
+
+        full, prefilled = torch.cat([ids, prompt], dim=1), DynamicCache()
+        decoder(input_ids=full[:, :-1], use_cache=True, logits_to_keep=1, **{hooks.cache_kwarg(decoder): prefilled})
+        pad = decoder.generation_config.pad_token_id
+    for _ in range(times):
+        clock = _Clock()
+        if kind == "rcc":
+            out = model.generate(memory, prompt, max_new_tokens=new_tokens, eos_token_id=None, streamer=clock)
+        else:
+            cache = cache_from([(k.clone(), v.clone()) for k, v in kv_of(prefilled)])
+            out = decoder.generate(input_ids=full, attention_mask=torch.ones_like(full), do_sample=False,
+                                   streamer=clock, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   pad_token_id=pad if pad is not None else 0, **{hooks.cache_kwarg(decoder): cache})
+            out = out[:, full.shape[1]:]
+        runs.append((_tok_s(clock.times), out))
+    return runs
+
+
 def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_size: int | None = 1,
-            seed: int = 0, free_encoder: bool = False) -> dict:
+            seed: int = 0, free_encoder: bool = False, repeats: int = 1) -> dict:
     """Measure one request of ``kind`` on a ``length``-token context, in this process.
 
     Args:
@@ -211,9 +263,11 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
             (the plain backbone's forward pass over RCC's windows, see the module doc).
         free_encoder: for ``backbone`` and ``forward``, drop the encoder and projections first
             so the peak holds only the decoder's weights (the model is unusable after).
+        repeats: decodes timed (after the peak is taken, see :func:`_decode_again`).
     Returns:
         a point: ``peak_mib``, ``loaded_mib``, ``compress_s``, ``ttft_s``,
-        ``decode_tok_s``, ``kv_positions``, ``kv_cache_mib`` ...
+        ``decode_tok_s`` (median over the repeats; ``decode_tok_s_runs``, ``_min``, ``_max``),
+        ``kv_positions``, ``kv_cache_mib``, ``threads``, ``loadavg_before``/``_after`` ...
     """
     import torch
 
@@ -230,6 +284,7 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
         for name in ("encoder", "G", "A"):
             delattr(model, name)
     release_memory()
+    load_before = _loadavg()
     loaded, what = reset_peak(device)
     clock = _Clock()
     t0 = time.perf_counter()
@@ -268,6 +323,13 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
             positions = length
     peak = peak_mib(device)
     times = clock.times
+    runs, same = [_tok_s(times)] if kind != "forward" else [], True
+    if repeats > 1 and kind != "forward":
+        with torch.no_grad():
+            again = _decode_again(model, kind, ids, prompt, new_tokens, window_batch_size, repeats - 1)
+        runs += [speed for speed, _ in again]
+        same = all(torch.equal(o.cpu(), out.cpu()) for _, o in again)
+    runs = [r for r in runs if r is not None]
     total_positions = positions + prompt.shape[1] + new_tokens if kind != "forward" else 0
     point.update({
         "ok": True,
@@ -281,16 +343,33 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
         "compress_s": round(t1 - t0, 3) if kind != "backbone" else None,
         "compress_tok_s": round(length / max(t1 - t0, 1e-9), 1) if kind != "backbone" else None,
         "ttft_s": round(times[0] - t0, 3) if times else None,
-        "decode_tok_s": round((len(times) - 1) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
+        "decode_tok_s": round(statistics.median(runs), 2) if runs else None,
+        "decode_tok_s_runs": [round(r, 2) for r in runs],
+        "decode_tok_s_min": round(min(runs), 2) if runs else None,
+        "decode_tok_s_max": round(max(runs), 2) if runs else None,
+        "repeats_same_tokens": same,  # greedy: every repeat decodes the measured request's tokens
+        "threads": torch.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
         "memory_measure": what,
     })
     return point
+
+
+def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _child(spec: dict) -> dict:
     from .loading import load_model
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -303,7 +382,7 @@ def _child(spec: dict) -> dict:
 
     clear_embedded_cache()
     return measure(model, spec["kind"], spec["length"], spec["new_tokens"], spec["window_batch_size"],
-                   spec["seed"], free_encoder=True)
+                   spec["seed"], free_encoder=True, repeats=spec.get("repeats", 1))
 
 
 def _run_child(spec: dict, timeout: float | None) -> dict:
@@ -391,7 +470,8 @@ def run_bench(cfg: BenchConfig, output: str | Path | None = None, progress=None,
             elif isolate:
                 point = _run_child({**spec, "kind": kind, "length": length}, cfg.timeout_s)
             else:
-                point = measure(model, kind, length, cfg.new_tokens, cfg.window_batch_size, cfg.seed)
+                point = measure(model, kind, length, cfg.new_tokens, cfg.window_batch_size, cfg.seed,
+                                repeats=cfg.repeats)
             points.append(point)
             if progress is not None:
                 progress(_point_line(point))
@@ -423,7 +503,16 @@ def _point_line(p: dict) -> str:
         return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, forward pass "
                 f"{p['compress_s']} s ({p['compress_tok_s']} tok/s)")
     return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, ttft {p['ttft_s']} s, "
-            f"{p['decode_tok_s']} tok/s")
+            f"{_decode_cell(p)} tok/s, load {p.get('loadavg_before')} -> {p.get('loadavg_after')}")
+
+
+def _decode_cell(p: dict) -> str:
+    """``"7.59"``, or with several decodes ``"7.59 (6.92-10.6)"``: median (min-max)."""
+    if p.get("decode_tok_s") is None:
+        return "-"
+    if len(p.get("decode_tok_s_runs", [])) > 1:
+        return f"{p['decode_tok_s']} ({p['decode_tok_s_min']}-{p['decode_tok_s_max']})"
+    return str(p["decode_tok_s"])
 
 
 def format_table(result: dict) -> str:
@@ -438,7 +527,7 @@ def format_table(result: dict) -> str:
             continue
         rows.append([p["length"], name, p["peak_mib"], p["loaded_mib"], p["growth_mib"], p["kv_positions"],
                      "-" if p["compress_s"] is None else p["compress_s"], "-" if p["ttft_s"] is None else p["ttft_s"],
-                     "-" if p["decode_tok_s"] is None else p["decode_tok_s"]])
+                     _decode_cell(p)])
     text = render_table(header, rows)
     s = result["summary"]
     for kind, name in (("rcc", "RCC"), ("backbone", "backbone")):
@@ -464,6 +553,10 @@ def add_arguments(p) -> None:
     p.add_argument("--backbone-max-length", help="skip the uncompressed backbone above this length, e.g. 32k")
     p.add_argument("--timeout", type=float, help="seconds per measurement before it counts as failed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads per measurement (default: torch's, one per core); "
+                   "on a busy CPU 1 thread decodes several times faster than 2")
+    p.add_argument("--repeats", type=int, default=1, help="decodes timed per point; the table shows the median "
+                   "and the range (default 1)")
     p.add_argument("-o", "--output", default="runs/bench.json", help="JSON result file (default runs/bench.json)")
     p.add_argument("--plot", help="PNG file (default: beside the JSON)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -475,12 +568,17 @@ def command(args, device: str, dtype: str) -> int:
     from .bundled import resolve_bundled
     from .eval.plot import bench_memory
 
+    from .backbones import RANDOM, parse_random
+
     if not args.base_model:  # fail here, not once per measurement in the child processes
         resolve_bundled(args.model)
+        if args.model.startswith(RANDOM):
+            parse_random(args.model)
     cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtype=dtype,
                       window=args.window, ratio=args.ratio, window_batch_size=args.window_batch_size,
                       new_tokens=args.new_tokens, kinds=args.kinds.split(","),
-                      backbone_max_length=args.backbone_max_length, seed=args.seed, timeout_s=args.timeout)
+                      backbone_max_length=args.backbone_max_length, seed=args.seed, timeout_s=args.timeout,
+                      threads=args.threads, repeats=args.repeats)
     output = Path(args.output)
     say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
     result = run_bench(cfg, output=output, progress=say)

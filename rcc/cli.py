@@ -230,6 +230,23 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def cmd_lm_eval(args) -> int:
+    """lm-evaluation-harness's command line with ``--model rcc`` registered (rcc/lm_eval.py)."""
+    try:
+        from .lm_eval import main
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise RCCError("rcc lm-eval needs lm-evaluation-harness: pip install 'rcc-llm[eval]'") from None
+    return main(args.args)
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGS",
+                   help="lm-eval's own options, passed through: --model rcc --model_args model=rcc-smollm2-135m,"
+                        "split=Question: --tasks TASK [--include_path DIR] ... (see rcc/lm_eval.py)")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML training config (see configs/ and docs/training.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -284,6 +301,9 @@ COMMANDS: dict[str, Command] = {
     "bench-train": Command(_lazy("rcc.bench_train:cmd"), _lazy("rcc.bench_train:add_args"),
                            "training speed of a config: tokens/s, step split, memory, MFU (also `rcc bench train`)",
                            ("rcc.bench_train:run", "rcc.io:write_json"), {"legacy": "legacy_overrides", "output": "path"}),
+    "lm-eval": Command(cmd_lm_eval, _lm_eval_args,
+                       "run lm-evaluation-harness tasks on RCC (--model rcc; needs the eval extra)",
+                       ("rcc.lm_eval:main",), {"args": "argv"}),
     "serve": Command(_lazy("rcc.serve.command:cmd_serve"), _lazy("rcc.serve.command:serve_args"),
                      "serve compressed contexts over HTTP (OpenAI-compatible; needs the serve extra)",
                      ("rcc.serve:ServeConfig",), {"api_key_file": "api_key"}),
@@ -318,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # `rcc bench train CONFIG` is bench-train (rcc/bench_train.py)
-    args = parser.parse_args(_lazy("rcc.bench_train:route")(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own options (argparse's REMAINDER stops at the first "--x")
+        args = parser.parse_args(argv[:1])
+        args.args = argv[1:]
+    else:
+        args = parser.parse_args(_lazy("rcc.bench_train:route")(argv))
     if args.command is None:
         parser.print_help()
         return 2

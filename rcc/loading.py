@@ -26,16 +26,22 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
     - ``"rcc-smollm2-135m"`` (:data:`rcc.bundled.DEFAULT_MODEL`): the model shipped in the package;
     - a folder or hub repo with ``rcc_config.json``: our format;
     - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
-      untrained RCC model over that backbone, held once for both sides (``window``, ``ratio``).
+      untrained RCC model over that backbone, held once for both sides (``window``, ``ratio``);
+    - ``"random:pythia-1.4b[:layers=N]"``: a fresh RCC model over two separate random-weight
+      backbones of that shape (:func:`rcc.backbones.random_backbone`; no tokenizer), as the
+      paper's fully fine-tuned encoder and decoder are two models (memory benchmarks).
 
     Raises:
         RCCError: when nothing loadable is found, or the bundled model's weights are missing.
     """
-    from .backbones import EMBEDDED, load_backbone, resolve_local_or_hub, shared_copy
+    from .backbones import EMBEDDED, RANDOM, load_backbone, random_backbone, resolve_local_or_hub, shared_copy
     from .model import RCCModel
 
     if base_model:
         model = RCCModel.from_original(spec, base_model=base_model, dtype=dtype)
+    elif spec.startswith(RANDOM):
+        model = RCCModel.from_backbones(random_backbone(spec, dtype, seed=0), random_backbone(spec, dtype, seed=1),
+                                        window=window, ratio=ratio, encoder_source=spec, decoder_source=spec)
     elif spec == EMBEDDED:
         encoder, tok = load_backbone(spec, dtype)
         decoder = shared_copy(encoder)  # a fresh model for inference: the frozen backbone held once

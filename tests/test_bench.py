@@ -101,3 +101,66 @@ def test_generate_from_context_ids_moves_its_slots_and_matches_a_memory(model):
     assert torch.equal(a, b) and a.shape == (1, 6)
     assert all(torch.equal(k, k0) for (k, _), k0 in zip(memory.kv, before))  # the memory stays reusable
     assert torch.equal(model.generate(memory, prompt, max_new_tokens=6, eos_token_id=None), a)
+
+
+def test_decoding_reads_the_cache_one_new_position_per_step(model):
+    """generate after the slots: one decoder pass over the prompt with the slots cached, then
+    one pass of one token per new token at the next position; the encoder runs once."""
+    import torch
+
+    from rcc.hooks import backbone_body
+
+    calls, encoder_calls = [], []
+
+    def seen(module, args, kwargs):
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        cache = kwargs.get(model._cache_kw)
+        pos = kwargs.get("position_ids")
+        calls.append((x.shape[1], 0 if cache is None else cache.get_seq_length(),
+                      None if pos is None else pos[0].tolist()))
+
+    ids = torch.randint(1, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor([[5, 6, 7]])
+    hooks = [model.decoder.register_forward_pre_hook(seen, with_kwargs=True),
+             backbone_body(model.encoder).register_forward_pre_hook(lambda *a: encoder_calls.append(1))]
+    try:
+        model.generate(ids, prompt, max_new_tokens=6, eos_token_id=None)
+    finally:
+        for h in hooks:
+            h.remove()
+    P = model.config.slots_for(200)
+    assert len(encoder_calls) == 1  # 4 windows, encoded in one batch, once
+    assert calls[0][:2] == (P, 0)  # the slots, pre-filled once
+    assert calls[1] == (3, P, [P, P + 1, P + 2])  # the prompt after them
+    assert calls[2:] == [(1, P + 3 + i, [P + 3 + i]) for i in range(5)]  # then one token per step
+
+
+def test_repeats_time_every_decode_and_record_threads_and_load(model):
+    import torch
+
+    for kind in ("rcc", "backbone"):
+        r = measure(model, kind, 300, new_tokens=4, repeats=3)
+        assert len(r["decode_tok_s_runs"]) == 3 and r["repeats_same_tokens"] is True
+        assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["threads"] == torch.get_num_threads() and len(r["loadavg_before"]) == 3
+    with pytest.raises(RCCError, match="repeats"):
+        BenchConfig(model="m", repeats=0)
+
+
+def test_random_pythia_has_pythia_1_4b_parameter_count():
+    """random:pythia-1.4b is Pythia-1.4B's architecture (1,414,647,808 parameters, as
+    EleutherAI report it); :layers=N keeps width, heads and vocabulary."""
+    import torch
+
+    from rcc.backbones import parse_random, random_backbone
+
+    with torch.device("meta"):
+        full = random_backbone("random:pythia-1.4b")
+        one = random_backbone("random:pythia-1.4b:layers=1")
+    assert sum(p.numel() for p in full.parameters()) == 1_414_647_808
+    per_layer = (sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in one.parameters())) / 23
+    assert per_layer == sum(p.numel() for p in full.gpt_neox.layers[0].parameters())
+    assert parse_random("random:pythia-1.4b:layers=2") == ("pythia-1.4b", 2)
+    for bad in ("random:pythia-9b", "random:pythia-1.4b:layers=0", "random:pythia-1.4b:depth=2"):
+        with pytest.raises(RCCError, match="random:pythia-1.4b"):
+            parse_random(bad)

@@ -205,8 +205,8 @@ def test_cli_table_is_the_python_api():
     of the command is a parameter of one of them (directly or through a declared alias)."""
     from rcc.cli import COMMANDS, Command, build_parser
 
-    assert set(COMMANDS) == {"ask", "compress", "info", "train", "prepare-data", "synth", "eval", "bench", "bench-train", "serve",
-                             "export-vllm"}
+    assert set(COMMANDS) == {"ask", "compress", "info", "train", "prepare-data", "synth", "eval", "bench", "bench-train",
+                             "serve", "export-vllm", "lm-eval"}
     assert build_parser().parse_args(["info", "x.rcc"]).command == "info"
     for name, cmd in COMMANDS.items():
         params = set()
