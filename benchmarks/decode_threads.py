@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rcc.bench import _Clock, _tok_s, context_ids, prompt_ids
+    from rcc.bench import context_ids, prompt_ids
+    from rcc.bench_decode import Clock, tok_s
     from rcc.loading import load_model
 
     model = load_model(args.model, dtype=torch.float32, device="cpu")
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for threads in runs:
             torch.set_num_threads(threads)
-            clock = _Clock()
+            clock = Clock()
             model.generate(memory, prompt, max_new_tokens=args.new_tokens, eos_token_id=None, streamer=clock)
-            runs[threads].append(_tok_s(clock.times))
+            runs[threads].append(tok_s(clock.times))
             print(f"run {rep + 1}, {threads} thread(s): {runs[threads][-1]:.2f} tok/s, load average "
                   f"{os.getloadavg()[0]:.2f}", flush=True)
     for threads, r in runs.items():

@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .bench_decode import Clock, decode_again, tok_s
 from .config import RCCConfig
 from .errors import RCCError
 from .io import parse_lengths, render_table, versions, write_json
@@ -166,23 +167,6 @@ def release_memory() -> None:
         pass
 
 
-class _Clock:
-    """A ``generate`` streamer that only notes when each new token arrives."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.start: float | None = None  # when generate began (after RCC's compression)
-
-    def put(self, value) -> None:
-        if self.start is None:  # generate first puts the prompt
-            self.start = time.perf_counter()
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def context_ids(tokenizer, length: int, vocab_size: int, seed: int = 0):
     """``[1, length]`` context ids: the pass-key filler tiled (random ids without a tokenizer)."""
     import torch
@@ -216,43 +200,6 @@ def _kv_bytes_per_position(decoder, dtype_bytes: int) -> int:
     return 2 * layers * heads * head_dim * dtype_bytes
 
 
-def _tok_s(times: list[float]) -> float | None:
-    """Decode tokens/s from the arrival times of the new tokens (after the first)."""
-    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
-
-
-def _decode_again(model, kind: str, ids, prompt, new_tokens: int, window_batch_size: int | None, times: int):
-    """``times`` more timed decodes of ``new_tokens`` after the same context, from one state made
-    once: RCC's memory (each ``generate`` copies it) or the backbone's cache pre-filled with all
-    but the last prompt token (copied for each). Returns ``[(tokens/s, new ids [1, new_tokens])]``."""
-    import torch
-
-    from . import hooks
-    from .memory import cache_from, kv_of
-
-    decoder, runs = model.decoder, []
-    if kind == "rcc":
-        memory = model.compress(ids, window_batch_size)
-    else:
-        from transformers import DynamicCache
-
-        full, prefilled = torch.cat([ids, prompt], dim=1), DynamicCache()
-        decoder(input_ids=full[:, :-1], use_cache=True, logits_to_keep=1, **{hooks.cache_kwarg(decoder): prefilled})
-        pad = decoder.generation_config.pad_token_id
-    for _ in range(times):
-        clock = _Clock()
-        if kind == "rcc":
-            out = model.generate(memory, prompt, max_new_tokens=new_tokens, eos_token_id=None, streamer=clock)
-        else:
-            cache = cache_from([(k.clone(), v.clone()) for k, v in kv_of(prefilled)])
-            out = decoder.generate(input_ids=full, attention_mask=torch.ones_like(full), do_sample=False,
-                                   streamer=clock, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                   pad_token_id=pad if pad is not None else 0, **{hooks.cache_kwarg(decoder): cache})
-            out = out[:, full.shape[1]:]
-        runs.append((_tok_s(clock.times), out))
-    return runs
-
-
 def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_size: int | None = 1,
             seed: int = 0, free_encoder: bool = False, repeats: int = 1) -> dict:
     """Measure one request of ``kind`` on a ``length``-token context, in this process.
@@ -263,7 +210,7 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
             (the plain backbone's forward pass over RCC's windows, see the module doc).
         free_encoder: for ``backbone`` and ``forward``, drop the encoder and projections first
             so the peak holds only the decoder's weights (the model is unusable after).
-        repeats: decodes timed (after the peak is taken, see :func:`_decode_again`).
+        repeats: decodes timed (after the peak is taken, see :func:`rcc.bench_decode.decode_again`).
     Returns:
         a point: ``peak_mib``, ``loaded_mib``, ``compress_s``, ``ttft_s``,
         ``decode_tok_s`` (median over the repeats; ``decode_tok_s_runs``, ``_min``, ``_max``),
@@ -286,7 +233,7 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
     release_memory()
     load_before = _loadavg()
     loaded, what = reset_peak(device)
-    clock = _Clock()
+    clock = Clock()
     t0 = time.perf_counter()
     with torch.no_grad():
         if kind == "rcc":
@@ -323,10 +270,10 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
             positions = length
     peak = peak_mib(device)
     times = clock.times
-    runs, same = [_tok_s(times)] if kind != "forward" else [], True
+    runs, same = [tok_s(times)] if kind != "forward" else [], True
     if repeats > 1 and kind != "forward":
         with torch.no_grad():
-            again = _decode_again(model, kind, ids, prompt, new_tokens, window_batch_size, repeats - 1)
+            again = decode_again(model, kind, ids, prompt, new_tokens, window_batch_size, repeats - 1)
         runs += [speed for speed, _ in again]
         same = all(torch.equal(o.cpu(), out.cpu()) for _, o in again)
     runs = [r for r in runs if r is not None]
