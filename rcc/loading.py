@@ -4,6 +4,7 @@ model over a backbone. Sits above :mod:`rcc.model` and :mod:`rcc.checkpoint`."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from .bundled import resolve_bundled
@@ -14,6 +15,8 @@ if TYPE_CHECKING:  # imported when a model is loaded: building the CLI's parser 
     import torch
 
     from .model import RCCModel
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # --dtype: "auto" is the device's best
 
@@ -78,7 +81,9 @@ def add_model_arguments(p, window_batch_size: int = 8,
                         "layout (with --base-model), 'embedded:smollm2' or a transformers backbone (fresh, untrained)")
     p.add_argument("--base-model", help="config (and tokenizer) of the released layout, e.g. EleutherAI/pythia-1.4b")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="default auto: bfloat16 on a GPU; on a CPU bfloat16 where it has native bf16 matrix units, "
+                        "else float32 (`rcc info --system` says which and why)")
     p.add_argument("--window", type=int, default=RCCConfig.window,
                    help=f"window of a fresh model (default {RCCConfig.window})")
     p.add_argument("--ratio", type=int, default=RCCConfig.ratio,
@@ -119,11 +124,17 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """``--dtype`` (one of :data:`DTYPES`) on ``device``: ``"auto"`` is bfloat16 on a GPU, float32 elsewhere."""
+    """``--dtype`` (one of :data:`DTYPES`) on ``device``: ``"auto"`` is the fastest correct
+    dtype there (:func:`rcc.precision.auto_dtype`: bfloat16 on a GPU; on a CPU, bfloat16
+    where it has native bf16 matrix units, else float32); any other name as it is."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        from .precision import auto_dtype
+
+        chosen = auto_dtype(device)
+        log.info("--dtype auto on %s: %s", device, chosen)
+        return getattr(torch, chosen)
     return getattr(torch, name)
 
 

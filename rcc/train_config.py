@@ -213,10 +213,10 @@ class RunOptions:
             (the schedule still assumes ``optim.max_steps``; a later run with
             ``resume=auto`` continues it).
         mixed_precision: the compute dtype of the step (autocast): ``"auto"`` =
-            bf16 on a GPU that supports it, fp16 on an older GPU, off (float32)
-            on a CPU, where results then stay exact and machine-independent;
-            ``"bf16"`` on a CPU with native bf16 (avx512_bf16 / AMX) is faster
-            (docs/benchmarks.md, "Training speed").
+            bf16 on a GPU that supports it, fp16 on an older GPU; on a CPU bf16
+            where it has native bf16 matrix units (AMX; avx512_bf16 when a
+            measured matmul says so, :mod:`rcc.precision`), else off (float32).
+            ``"no"`` keeps float32 (exact, machine-independent results).
         ddp_find_unused_parameters: passed to DDP.
     """
 

@@ -111,14 +111,14 @@ def build_model(cfg: TrainConfig, share_backbone: bool | None = None) -> RCCMode
 
 
 def resolve_precision(cfg: TrainConfig, cuda: bool) -> str:
-    """The run's ``mixed_precision`` with ``auto`` resolved: bf16 on a GPU that
-    has it, fp16 on an older GPU, ``"no"`` on a CPU (exact float32 results by
-    default; ``bf16`` is a choice, see :class:`TrainConfig`)."""
+    """The run's ``mixed_precision`` with ``auto`` resolved (:func:`rcc.precision.auto_precision`):
+    bf16 on a GPU that has it, fp16 on an older GPU; on a CPU bf16 where it has native
+    bf16 matrix units, else ``"no"`` (float32)."""
     if cfg.run.mixed_precision != "auto":
         return cfg.run.mixed_precision
-    if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    from .precision import auto_precision
+
+    return auto_precision(cuda)
 
 
 def resolve_frozen_dtype(cfg: TrainConfig, precision: str, sharded: bool = False) -> torch.dtype:

@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `--dtype auto` on a CPU depends on the processor (rcc/precision.py); the tests' numbers must
+# not, so they compute in float32 everywhere. test_precision.py tests the choice itself, and
+# the README command's test runs it with the machine's own choice too.
+os.environ.setdefault("RCC_CPU_DTYPE", "float32")
 
 REPO = Path(__file__).resolve().parents[1]
 # the original implementation's outputs on a tiny GPT-NeoX (tests/fixtures/reference_tiny_neox/README.md)

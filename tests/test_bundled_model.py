@@ -56,11 +56,17 @@ def test_it_reads_pass_keys_out_of_several_windows(model):
     assert exact >= 3 and sum(digits) / len(digits) >= 0.7
 
 
-def test_the_readme_main_command_answers_the_example():
+@pytest.mark.parametrize("cpu_dtype", [None, "bfloat16", "float32"], ids=["auto", "bf16", "fp32"])
+def test_the_readme_main_command_answers_the_example(cpu_dtype):
+    """As printed, with `--dtype auto` as this machine resolves it (rcc/precision.py), and
+    with auto forced to each CPU dtype: bf16 answers the example as float32 does."""
     readme = (REPO / "README.md").read_text().splitlines()
     main = next(line.strip() for line in readme[:6] if "rcc ask" in line)
     command = main.split("&&", 1)[1].strip().replace(".venv/bin/rcc", f"{sys.executable} -m rcc.cli", 1)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.pop("RCC_CPU_DTYPE")
+    if cpu_dtype:
+        env["RCC_CPU_DTYPE"] = cpu_dtype
     out = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "UNTRAINED" not in out.stderr

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..bundled import DEFAULT_MODEL
+from ..cache import cache_root
 from ..errors import RCCError
 
 ENGINES = ("transformers", "vllm")
 
 
 def default_store() -> str:
-    """``$XDG_CACHE_HOME/rcc/serve`` (``~/.cache/rcc/serve``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "rcc" / "serve")
+    """``serve`` in the cache folder (:func:`rcc.cache.cache_root`: ``~/.cache/rcc/serve``)."""
+    return str(cache_root() / "serve")
 
 
 @dataclass

@@ -486,7 +486,7 @@ def load_serve_model(cfg: ServeConfig):
     Raises:
         RCCError: for a device that is not here, or a model that cannot be loaded.
     """
-    from ..loading import load_model
+    from ..loading import load_model, resolve_dtype
 
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -494,11 +494,7 @@ def load_serve_model(cfg: ServeConfig):
         device = cfg.device
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RCCError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
-    model = load_model(cfg.model, dtype=dtype, device=device)
+    model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device)
     if not model.config.trained:
         log.warning("%s is an UNTRAINED RCC model; its answers are meaningless until it is trained", cfg.model)
     return model.eval()
