@@ -182,7 +182,8 @@ def best_prompts(records: list[dict], summary: dict, metric: str) -> list[dict]:
 
 def _record(task, ex: Example, run_name: str, family: str, prompt: str | None, pred: Prediction, secs: float) -> dict:
     rec = {"id": ex.id, "method": run_name, "family": family, "prompt": prompt, **ex.meta, "prediction": pred.text,
-           "scores": task.score(ex, pred), "seconds": round(secs, 4), "info": pred.info}
+           "token_ids": [int(t) for t in pred.token_ids], "scores": task.score(ex, pred), "seconds": round(secs, 4),
+           "info": pred.info}
     if ex.is_question:
         rec["question"], rec["answers"] = ex.question, ex.answers
     else:
