@@ -106,12 +106,19 @@ def apply_lora(model: nn.Module, config: dict, state: dict, what: str = "backbon
     _lora_layer_type()
     from peft import LoraConfig, inject_adapter_in_model
 
-    inject_adapter_in_model(LoraConfig(**config), model, adapter_name=ADAPTER)
+    # the adapters are made on the meta device (no initialisation: the saved weights replace it,
+    # a second of a load on a CPU) and then take the saved tensors, cast to the base weights' dtype
+    inject_adapter_in_model(LoraConfig(**config), model, adapter_name=ADAPTER, low_cpu_mem_usage=True)
     own = lora_state(model)
     if set(own) != set(state):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise RCCError(f"{what}: adapter weights do not match (missing {missing[:3]}, unexpected {extra[:3]})")
-    model.load_state_dict(state, strict=False)
+    for k, v in state.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise RCCError(f"{what}: adapter weight {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    base = next(p for n, p in model.named_parameters() if "lora_" not in n)
+    model.load_state_dict({k: v.to(device=base.device, dtype=base.dtype) for k, v in state.items()},
+                          strict=False, assign=True)
 
 
 def base_state(model: nn.Module) -> dict:

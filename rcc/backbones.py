@@ -51,18 +51,20 @@ def embedded_smollm2(dtype: torch.dtype = torch.float32, fresh: bool = True):
     cache (:mod:`rcc.gguf_cache`); later loads read it from there with safetensors.
 
     Returns:
-        ``(model, tokenizer)``. The weights are read once per process; each call
-        returns a separate copy of them unless ``fresh=False``.
+        ``(model, tokenizer)``: separate weights at each call, unless ``fresh=False``,
+        which returns one instance kept for the process (not to be modified).
     Raises:
         RCCError: when the package or the ``gguf`` reader is missing.
     """
+    from .gguf_cache import cache_folder, load_cached
+
     key = str(dtype)
     if key not in _EMBEDDED_CACHE:
-        from .gguf_cache import load_cached
-
         path = embedded_smollm2_file()
         model, tok = load_cached(path, dtype, lambda: _read_gguf(path, dtype))
-        _EMBEDDED_CACHE[key] = (model.eval(), tok)
+        if fresh and cache_folder(path, dtype).is_dir():
+            return model, tok  # the next load reads the cache again: as fast as a copy, and no second copy kept
+        _EMBEDDED_CACHE[key] = (model, tok)  # no disk cache: keep the parsed GGUF for later loads
     model, tok = _EMBEDDED_CACHE[key]
     return (copy.deepcopy(model) if fresh else model), tok
 

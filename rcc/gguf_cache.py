@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rcc-backbone-cache/1"
 MANIFEST = "rcc-cache.json"
-_HASHED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: each GGUF is hashed once per process
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: each file is hashed once per process
 
 
 class CacheMiss(Exception):
@@ -52,8 +52,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def gguf_sha256(path: Path) -> str:
-    """:func:`file_sha256` of a GGUF, once per process for an unchanged file."""
+def known_sha256(path: Path) -> str:
+    """:func:`file_sha256`, computed once per process for an unchanged file (same size and mtime)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHED:
@@ -71,7 +71,7 @@ def cache_folder(gguf: Path, dtype: torch.dtype, root: Path | None = None) -> Pa
 
     from .cache import cache_root
 
-    name = f"{gguf.stem}-{gguf_sha256(gguf)[:16]}-{str(dtype).removeprefix('torch.')}-tf{tf_version}"
+    name = f"{gguf.stem}-{known_sha256(gguf)[:16]}-{str(dtype).removeprefix('torch.')}-tf{tf_version}"
     return (root or cache_root()) / "backbones" / name
 
 
@@ -105,7 +105,7 @@ def check_folder(folder: Path, gguf_sha: str, dtype: torch.dtype) -> None:
         if size != entry.get("bytes"):
             raise CacheMiss(f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated?)")
     for name, entry in files.items():
-        if file_sha256(folder / name) != entry.get("sha256"):
+        if known_sha256(folder / name) != entry.get("sha256"):
             raise CacheMiss(f"{name} does not match its checksum (corrupt)")
 
 
@@ -179,7 +179,7 @@ def load_cached(gguf: Path, dtype: torch.dtype, build: Callable[[], tuple], root
     """
     try:
         folder = cache_folder(gguf, dtype, root)
-        sha = gguf_sha256(gguf)
+        sha = known_sha256(gguf)
     except OSError as err:  # e.g. no home folder to put the cache in
         log.warning("no backbone cache (%s); loading the GGUF (set RCC_CACHE_DIR to a writable folder)", err)
         return build()
