@@ -38,11 +38,10 @@ PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
             "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 DOCS_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
-DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript",
-               "favicon-32x32.png": "image/png"}
+DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript", "favicon.png": "image/png"}
 DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>rcc serve API</title>
-<link rel="stylesheet" href="/docs/swagger-ui.css"><link rel="icon" href="/docs/favicon-32x32.png"></head>
+<link rel="stylesheet" href="/docs/swagger-ui.css"><link rel="icon" href="/docs/favicon.png"></head>
 <body><div id="swagger-ui"></div>
 <script src="/docs/swagger-ui-bundle.js"></script><script src="/docs/init.js"></script></body></html>
 """
@@ -57,12 +56,16 @@ def _error(status: int, message: str, kind: str | None = None) -> JSONResponse:
 
 
 def swagger_ui_folder() -> Path | None:
-    """The Swagger UI files of the ``swagger-ui-bundle`` package (the serve extra), or None."""
-    try:
-        import swagger_ui_bundle
-    except ImportError:
+    """The Swagger UI 5 files that the ``fastapi-offline`` package ships (the serve extra;
+    only its files are used), or None without it. (``swagger-ui-bundle`` ships Swagger UI
+    4, which cannot read the OpenAPI 3.1 schema FastAPI writes.)"""
+    import importlib.resources
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi_offline") is None:
         return None
-    return Path(str(swagger_ui_bundle.swagger_ui_path))
+    folder = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+    return folder if all((folder / name).is_file() for name in DOCS_ASSETS) else None
 
 
 class Generation(BaseModel):
@@ -172,13 +175,13 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/docs", include_in_schema=False)
     async def docs():
         if swagger is None:
-            raise ServeError(404, "the API page needs the swagger-ui-bundle package (pip install "
+            raise ServeError(404, "the API page needs the fastapi-offline package (pip install "
                                   "'rcc-llm[serve]'); the schema itself is at GET /openapi.json")
         return HTMLResponse(DOCS_PAGE, headers={"Content-Security-Policy": DOCS_CSP})
 
     @app.get("/docs/{name}", include_in_schema=False)
     async def docs_asset(name: str):
-        """The API page's files, from the swagger-ui-bundle package (nothing from the network)."""
+        """The API page's files, from the fastapi-offline package (nothing from the network)."""
         if name == "init.js":
             return Response(DOCS_INIT, media_type="text/javascript")
         if swagger is None or name not in DOCS_ASSETS:

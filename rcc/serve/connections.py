@@ -7,6 +7,11 @@ as it likes. :class:`GuardedProtocol` gives every request a deadline for its hea
 (request line and headers) and one for its body, answers 408 and closes the
 connection when one passes, refuses connections past a cap with 503, and answers
 malformed or oversized heads with the API's JSON error instead of plain text.
+
+A response sent before the request's body was read (a 413 for a body announced too
+large) closes with a lingering close: what the client still sends is read and dropped
+for up to :data:`LINGER` seconds, so that it can finish sending and read the answer
+(closing at once resets the connection, and the client sees a broken pipe instead).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
            503: "Service Unavailable"}
+LINGER = 2.0  # seconds, at most (and never past the body deadline)
 KINDS = {400: "invalid_request_error", 408: "timeout_error", 431: "request_too_large", 503: "overloaded_error"}
 
 
@@ -27,6 +33,24 @@ def raw_error(status: int, message: str) -> bytes:
     head = (f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body
+
+
+class _LingeringTransport:
+    """The connection's transport, whose ``close`` lingers while the client is still
+    sending a body (see the module's docstring); everything else is the transport's."""
+
+    def __init__(self, transport, protocol: "GuardedProtocol"):
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        p = self._protocol
+        if not p._lost and p.conn.their_state is h11.SEND_BODY and not self._transport.is_closing():
+            p._linger()
+        else:
+            self._transport.close()
 
 
 class GuardedProtocol(H11Protocol):
@@ -45,7 +69,11 @@ class GuardedProtocol(H11Protocol):
         self._timer = None
         self._phase: str | None = None
         self._fresh = True  # no byte received yet: a silent client gets the head deadline too
+        self._lost = False
+        self._lingering = None  # the timer of a lingering close
+        self._raw = transport
         super().connection_made(transport)
+        self.transport = _LingeringTransport(transport, self)
         if len(self.connections) > self.max_connections:
             self._close_with(503, f"the server has {self.max_connections} connections open, its limit "
                                   "(--max-connections); retry in a moment")
@@ -53,17 +81,29 @@ class GuardedProtocol(H11Protocol):
         self._arm()
 
     def connection_lost(self, exc) -> None:
+        self._lost = True
         self._disarm()
+        if self._lingering is not None:
+            self._lingering.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            return  # the rest of a body already answered: dropped
         self._fresh = False
         super().data_received(data)
         self._arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._lingering is not None:
+            self._unset_keepalive_if_required()
         self._arm()
+
+    def _linger(self) -> None:
+        if self._lingering is None:
+            self._unset_keepalive_if_required()
+            self._lingering = self.loop.call_later(min(LINGER, self.body_timeout), self._raw.close)
 
     def send_400_response(self, msg: str) -> None:
         if len(self.conn.trailing_data[0]) > self.max_header_bytes:
@@ -107,17 +147,17 @@ class GuardedProtocol(H11Protocol):
         self._close_with(408, f"the {what} did not arrive within {seconds:g} s ({option}); send it at once")
 
     def _close_with(self, status: int, message: str) -> None:
-        """Answer ``status`` (unless a response is under way) and close the connection;
-        a request still running sees its client gone."""
-        if self.transport.is_closing():
+        """Answer ``status`` (unless a response is under way) and close the connection
+        (no lingering); a request still running sees its client gone."""
+        if self._raw.is_closing():
             return
         cycle = self.cycle
-        if cycle is None or not cycle.response_started:
-            self.transport.write(raw_error(status, message))
+        if self._lingering is None and (cycle is None or not cycle.response_started):
+            self._raw.write(raw_error(status, message))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.close()
+        self._raw.close()
 
 
 def protocol_class(cfg) -> type[GuardedProtocol]:

@@ -21,6 +21,7 @@ import secrets
 import time
 from urllib.parse import urlsplit
 
+from fastapi import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .config import is_loopback
@@ -33,7 +34,7 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 DOCUMENT_ROUTE = "/v1/contexts"
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer")]
-KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+KINDS = {401: "authentication_error", 431: "request_too_large", 403: "permission_error", 404: "not_found_error", 408: "timeout_error",
          409: "conflict_error", 413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
          499: "client_closed_request"}
 
@@ -44,8 +45,12 @@ def error_body(status: int, message: str, kind: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
 
 
-class BodyTooLarge(Exception):
-    """A body grew past its limit while it was read (the guard answers 413)."""
+class BodyTooLarge(HTTPException):
+    """A body grew past its limit while it was read: a 413 (an HTTPException, so that
+    FastAPI's body parsing passes it on instead of calling it a parse error)."""
+
+    def __init__(self, message: str):
+        super().__init__(413, message)
 
 
 def host_name(host: str) -> str:
@@ -89,9 +94,12 @@ class Guard:
                 or any(a.startswith(".") and name.endswith(a) for a in allowed)
                 or (cfg.host in WILDCARD_HOSTS and _is_address(name)))
 
-    def refusal(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str] | None:
+    def refusal(self, method: str, path: str, headers: dict[str, str], head_bytes: int = 0) -> tuple[int, str] | None:
         """``(status, message)`` for a request refused before any route runs, or None."""
         cfg = self.cfg
+        if head_bytes > cfg.max_header_bytes:  # h11 bounds only a head still incomplete
+            return 431, (f"the request line and headers are {head_bytes} bytes, over this server's limit of "
+                         f"{cfg.max_header_bytes} (--max-header-bytes)")
         host = headers.get("host")
         if not self.host_allowed(host):
             return 403, (f"Host {host!r} is not this server's name; use http://127.0.0.1:{cfg.port}/, or start the "
@@ -154,7 +162,7 @@ class Guard:
         async def reply(status: int, message: str, close: bool = False) -> None:
             body = error_body(status, message)
             head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            if close:  # the body was not read: the connection cannot carry another request
+            if close:
                 head.append((b"connection", b"close"))
             await send_headed({"type": "http.response.start", "status": status, "headers": head})
             await send_headed({"type": "http.response.body", "body": body})
@@ -167,19 +175,23 @@ class Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.too_large(seen, method, path) + " (counted as it arrived)")
             return message
 
-        refused = self.refusal(method, path, headers)
+        head_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        refused = self.refusal(method, path, headers, head_bytes)
         try:
             if refused is not None:
-                await reply(*refused, close=refused[0] == 413)
+                # a body refused unread (413) is still drained, so the client can finish sending and
+                # read the answer; its deadline (--body-timeout) or the keep-alive timeout closes it
+                await reply(*refused)
                 return
             try:
                 await self.app(scope, receive_limited, send_headed)
-            except BodyTooLarge:
+            except BodyTooLarge as err:
                 if state["status"] is None:
-                    await reply(413, self.too_large(seen, method, path) + " (counted as it arrived)", close=True)
+                    await reply(413, err.detail)
             except ClientDisconnect:
                 state["status"] = state["status"] or 499
             except Exception:
