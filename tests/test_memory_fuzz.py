@@ -39,7 +39,8 @@ LOADERS = {"memory": CompressedContext.load, "slots": SlotMemory.load}
 def same(kind: str, a, b) -> bool:
     if kind == "slots":
         return torch.equal(a.slots, b.slots) and a.metadata() == b.metadata()
-    return a.metadata() == b.metadata() and all(torch.equal(x, y) for p, q in zip(a.kv, b.kv) for x, y in zip(p, q))
+    return a.metadata() == b.metadata() and all(torch.equal(x, y) for p, q in zip(a.kv, b.kv, strict=True)
+                                                       for x, y in zip(p, q, strict=True))
 
 
 def refused_or_same(kind: str, path, original) -> str:

@@ -410,10 +410,10 @@ def test_sampling_rules_are_the_same_for_the_cli_the_library_and_the_vllm_engine
     for bad, _ in BAD_SAMPLING:
         if set(bad) & {"max_tokens", "stream"}:
             continue
-        for call in (lambda: generation_options(**bad), lambda: check_sampling(**bad, name=str),
-                     lambda: sampling_for(8, 0, **bad)):  # sampling_for checks before it imports vLLM
+        for call, kwargs in ((generation_options, {}), (check_sampling, {"name": str}),
+                             (lambda **kw: sampling_for(8, 0, **kw), {})):  # sampling_for checks before importing vLLM
             with pytest.raises(RCCError):
-                call()
+                call(**bad, **kwargs)
     with pytest.raises(RCCError, match="--max-new-tokens True"):
         generation_options(max_new_tokens=True)
     with pytest.raises(RCCError, match="max_new_tokens"):

@@ -51,7 +51,7 @@ DOCS_INIT = """window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swag
 Number = StrictFloat | StrictInt  # JSON numbers; true/false and strings are refused
 
 
-def _error(status: int, message: str, kind: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, kind: str | None = None) -> Response:
     return Response(error_body(status, message, kind), status_code=status, media_type="application/json")
 
 
