@@ -221,11 +221,21 @@ class CompressedContext:
             raise RCCError(f"{path}: cannot read the memory file ({err}); {_RECOMPRESS}") from None
         if _tensors_hash(tensors, shapes=meta["format"] != FORMAT_V1) != meta.get("tensors_sha256"):
             raise RCCError(f"{path}: memory file is corrupt (checksum mismatch); {_RECOMPRESS}")
+        check_finite(tensors, path)
         cast = storage_dtype(dtype)
         kv = [(tensors[f"layers.{i}.keys"].to(device, cast), tensors[f"layers.{i}.values"].to(device, cast))
               for i in range(fields["layers"])]
         return cls(kv=kv, num_tokens=fields["num_tokens"], num_slots=fields["num_slots"], window=fields["window"],
                    ratio=fields["ratio"], model_id=meta["model_id"], content_hash=meta["content_hash"])
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
+    """Raises RCCError naming the first tensor that holds NaN or Inf (a memory made by a
+    model that overflowed, or written so: its checksum cannot tell)."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RCCError(f"{path}: tensor {name!r} holds NaN or Inf values; {_RECOMPRESS}")
 
 
 def _fields(meta: dict[str, str], path) -> dict[str, int]:
@@ -255,28 +265,41 @@ def _fields(meta: dict[str, str], path) -> dict[str, int]:
     return out
 
 
+#: the largest safetensors header read (a memory's is a few KiB: two entries per layer and
+#: the metadata); a header size above it is a lie or not a memory file, refused unread
+MAX_HEADER_BYTES = 1 << 20
+
+
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict], int]:
-    """``(metadata, tensor entries, file size its header describes)`` of a safetensors file."""
+    """``(metadata, tensor entries, file size its header describes)`` of a safetensors file.
+
+    Raises:
+        ValueError: for a header that is cut short, too large, not JSON or not safetensors'.
+    """
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise ValueError("file too short")
         size = int.from_bytes(head, "little")
-        if size <= 0 or size > 100_000_000:
-            raise ValueError("bad header size")
+        if size <= 0 or size > MAX_HEADER_BYTES:
+            raise ValueError(f"bad header size {size}")
         raw = fh.read(size)
         if len(raw) < size:
             raise ValueError("header cut short")
+    try:
         header = json.loads(raw)
+    except RecursionError:
+        raise ValueError("header nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ValueError("bad metadata")
     for name, e in header.items():
-        offsets, shape = e.get("data_offsets") if isinstance(e, dict) else None, e.get("shape")
-        if (not isinstance(offsets, list) or not isinstance(e.get("dtype"), str) or len(offsets) != 2 or not isinstance(shape, list)
-                or not all(isinstance(x, int) and x >= 0 for x in offsets + shape)):
+        offsets = e.get("data_offsets") if isinstance(e, dict) else None
+        shape = e.get("shape") if isinstance(e, dict) else None
+        if (not isinstance(offsets, list) or not isinstance(e.get("dtype"), str) or len(offsets) != 2
+                or not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in offsets + shape)):
             raise ValueError(f"bad entry for tensor {name!r}")
     end = max((e["data_offsets"][1] for e in header.values()), default=0)
     return meta, header, 8 + size + end

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 time.sleep(0.5)
         result["server_start_s"] = time.perf_counter() - t0
         t = time.perf_counter()
-        ids = [call(url + "/v1/contexts", path.read_bytes())["id"] for path, _ in DOCS]
+        ids = [call(url + "/v1/contexts", {"text": path.read_text()})["id"] for path, _ in DOCS]
         for cid in ids:
             while call(f"{url}/v1/contexts/{cid}")["status"] != "ready":
                 time.sleep(0.2)

@@ -63,7 +63,7 @@ def run_engine(engine: str, model: str, clients: int, max_tokens: int, store: Pa
                 time.sleep(0.5)
         start_s = time.perf_counter() - t0
         t = time.perf_counter()
-        cid = call(url + "/v1/contexts", DOC.read_bytes())["id"]
+        cid = call(url + "/v1/contexts", {"text": DOC.read_text()})["id"]
         while call(f"{url}/v1/contexts/{cid}")["status"] != "ready":
             time.sleep(0.2)
         compress_s = time.perf_counter() - t

@@ -16,6 +16,11 @@ from pathlib import Path
 from tests.conftest import REPO
 
 
+def python_path() -> str:
+    """The repository first, then whatever PYTHONPATH the tests run with."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +34,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(store).with_name(Path(store).name + f"-{self.port}.log")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=python_path(), OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rcc.cli", "serve", "--model", str(model), "--store", str(store),
              "--port", str(self.port), *map(str, extra)],
@@ -122,6 +127,6 @@ def wait_ready(url: str, cid: str, timeout: float = 600, headers: dict | None = 
 
 
 def rcc_cli(*args, timeout: float = 600, threads: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=python_path(), OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, "-m", "rcc.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)

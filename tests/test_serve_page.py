@@ -63,11 +63,11 @@ class Chromium:
             self._buf += chunk
         raise TimeoutError(method)
 
-    def open(self, url: str) -> None:
+    def open(self, url: str, ready: str = "!!document.getElementById('model') && "
+                                         "document.getElementById('model').textContent.startsWith('Model')") -> None:
         target = self.send("Target.createTarget", url=url)["targetId"]
         self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.wait("document.readyState === 'complete' && !!document.getElementById('model') && "
-                  "document.getElementById('model').textContent.startsWith('Model')")
+        self.wait(f"document.readyState === 'complete' && {ready}")
 
     def js(self, expression: str):
         res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
@@ -130,3 +130,51 @@ def test_page_uploads_asks_and_streams_the_answer(which, tiny, tmp_path):
     assert s == 200 and shown == body["answer"] and shown, (shown, body)
     if which == "bundled":
         assert any(ch.isdigit() for ch in shown), shown
+
+
+@pytest.mark.slow  # a server and a browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
+def test_docs_render_offline_and_another_origins_page_cannot_write(tiny, tmp_path):
+    """Issue 24, cases 5 and 9 in a real browser: /docs renders from this server's files alone
+    (its CSP allows nothing else), and a page of another origin that posts to the server (as
+    text/plain, which needs no CORS preflight) plants nothing."""
+    import http.server
+    import threading
+
+    from tests.serve_helpers import free_port
+
+    with Server(tiny, tmp_path / "store", threads=2) as srv:
+        port = free_port()
+        evil = (f"<!doctype html><p id=done></p><script>"
+                f"fetch('{srv.url}/v1/contexts', {{method: 'POST', mode: 'no-cors', body: 'planted', "
+                f"headers: {{'Content-Type': 'text/plain'}}}}).catch(() => 0).finally(() => "
+                f"document.getElementById('done').textContent = 'sent');</script>").encode()
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(evil)
+
+            def log_message(self, *args):
+                pass
+
+        other = http.server.HTTPServer(("127.0.0.1", port), Page)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        browser = Chromium(tmp_path / "profile")
+        try:
+            browser.open(f"http://localhost:{port}/", ready="(document.getElementById('done') || {}).textContent === 'sent'")
+            browser.session = None
+            try:
+                import fastapi_offline  # noqa: F401
+            except ImportError:
+                fastapi_offline = None
+            if fastapi_offline is not None:
+                browser.open(srv.url + "/docs", ready="document.querySelectorAll('.opblock').length > 0")
+                ops = browser.js("[...document.querySelectorAll('.opblock-summary-path')].map(e => e.dataset.path)")
+                assert "/v1/chat/completions" in ops and "/v1/contexts/{cid}/ask" in ops, ops
+        finally:
+            browser.close()
+            other.shutdown()
+        assert request(srv.url + "/v1/contexts")[1]["data"] == []

@@ -8,28 +8,66 @@ import argparse
 from ..errors import RCCError
 from .config import ENGINES, ServeConfig, default_store, read_api_key
 
+#: (option, help) of the limits and timeouts, each a ServeConfig field of the same name;
+#: docs/serving.md says what each protects against
+LIMITS = (
+    ("--max-context-tokens", "longest document accepted; 413 beyond"),
+    ("--max-question-tokens", "longest question (or last user message); 413 beyond"),
+    ("--max-stop-strings", "stop strings one request may give; 413 beyond"),
+    ("--max-stop-chars", "longest stop string; 413 beyond"),
+    ("--max-messages", "longest chat message list; 413 beyond"),
+    ("--max-name-chars", "longest document name; 413 beyond"),
+    ("--max-body-bytes", "largest request body but a document upload; 413 before it is read"),
+    ("--max-header-bytes", "largest request line and headers; 431 beyond"),
+    ("--max-connections", "open connections at once; 503 and closed beyond"),
+    ("--max-concurrent", "questions waiting or running at once; 429 beyond"),
+    ("--max-batch", "questions on one context answered together"),
+    ("--max-new-tokens", "largest max_tokens a request may ask for"),
+    ("--cache-mib", "memory budget of loaded compressed contexts"),
+    ("--window-batch-size", "windows encoded per compression step"),
+)
+TIMEOUTS = (
+    ("--header-timeout", "seconds a client has to send its request line and headers; 408 and closed after"),
+    ("--body-timeout", "seconds a client has to send its request body; 408 and closed after"),
+    ("--keep-alive-timeout", "seconds an idle keep-alive connection stays open"),
+)
+
+
+def _attr(option: str) -> str:
+    return option[2:].replace("-", "_")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v for v in value.split(",") if v.strip())
+
 
 def serve_args(p: argparse.ArgumentParser) -> None:
     from ..bundled import DEFAULT_MODEL
 
     d = ServeConfig(store="-")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the bundled {DEFAULT_MODEL} (default) or a checkpoint")
-    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only; "
+                                                  "any other needs --api-key-file or --insecure)")
     p.add_argument("--port", type=int, default=d.port, help=f"default {d.port}")
-    p.add_argument("--store", help=f"folder of compressed contexts and their index (default {default_store()})")
+    p.add_argument("--store", help=f"folder of compressed contexts and their index (default {default_store()}); "
+                                   "one server at a time")
     p.add_argument("--api-key-file", help="require 'Authorization: Bearer KEY' with the key in this file")
-    p.add_argument("--max-context-tokens", type=int, default=d.max_context_tokens,
-                   help=f"longest document accepted; 413 beyond (default {d.max_context_tokens})")
-    p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
-                   help=f"questions waiting or running at once; 429 beyond (default {d.max_concurrent})")
-    p.add_argument("--max-batch", type=int, default=d.max_batch,
-                   help=f"questions on one context answered together (default {d.max_batch})")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"largest max_tokens a request may ask for (default {d.max_new_tokens})")
-    p.add_argument("--cache-mib", type=int, default=d.cache_mib,
-                   help=f"memory budget of loaded compressed contexts (default {d.cache_mib})")
-    p.add_argument("--window-batch-size", type=int, default=d.window_batch_size,
-                   help=f"windows encoded per compression step (default {d.window_batch_size})")
+    p.add_argument("--insecure", action="store_true", help="allow a --host other than loopback without a key")
+    p.add_argument("--allowed-hosts", type=_names, default=(),
+                   help="comma-separated Host names to accept besides localhost and IP addresses ('*': any; "
+                        "turns off the DNS-rebinding check)")
+    p.add_argument("--cors-origins", type=_names, default=(),
+                   help="comma-separated origins (https://app.example) whose web pages may call the API "
+                        "(default: none, CORS off)")
+    for option, text in LIMITS:
+        p.add_argument(option, type=int, default=getattr(d, _attr(option)),
+                       help=f"{text} (default {getattr(d, _attr(option))})")
+    p.add_argument("--max-document-bytes", type=int, default=None,
+                   help="largest document upload; 413 before it is read (default: 32 bytes per "
+                        "--max-context-tokens, at least 1 MiB)")
+    for option, text in TIMEOUTS:
+        p.add_argument(option, type=float, default=getattr(d, _attr(option)),
+                       help=f"{text} (default {getattr(d, _attr(option)):g})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -40,6 +78,20 @@ def serve_args(p: argparse.ArgumentParser) -> None:
                    help="vLLM engine: longest slots + prompt + answer (default: the decoder's position limit)")
 
 
+def config_from_args(args) -> ServeConfig:
+    """The :class:`ServeConfig` of ``rcc serve``'s arguments.
+
+    Raises:
+        RCCError: for a bad setting or an unreadable key file.
+    """
+    limits = {_attr(o): getattr(args, _attr(o)) for o, _ in LIMITS + TIMEOUTS}
+    return ServeConfig(model=args.model, host=args.host, port=args.port, store=args.store or "",
+                       api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+                       insecure=args.insecure, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins,
+                       max_document_bytes=args.max_document_bytes, device=args.device, dtype=args.dtype,
+                       engine=args.engine, max_model_len=args.max_model_len, **limits)
+
+
 def cmd_serve(args) -> int:
     """Serve compressed contexts over HTTP (see the README's Serving section)."""
     try:
@@ -47,13 +99,8 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise RCCError("rcc serve needs the serve extra: pip install 'rcc-llm[serve]'") from None
+    cfg = config_from_args(args)
     from .app import serve
 
-    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, store=args.store or "",
-                      api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
-                      max_context_tokens=args.max_context_tokens, max_concurrent=args.max_concurrent,
-                      max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, cache_mib=args.cache_mib,
-                      window_batch_size=args.window_batch_size, device=args.device, dtype=args.dtype,
-                      engine=args.engine, max_model_len=args.max_model_len)
     serve(cfg)
     return 0

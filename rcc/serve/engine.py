@@ -7,6 +7,10 @@ question, so a long document never holds questions up for more than one step.
 Questions on one context with the same options share one ``generate`` call over
 one memory (a single-context cache repeated across the batch, prompts padded on
 the left), as many as ``max_batch`` at a time.
+
+A question whose client goes away is cancelled (:meth:`Question.cancel`): dropped
+if it is still waiting, and its row stops at the next token if it is being
+generated (:class:`RowStops`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import RCCError
 from ..memory import CompressedContext
@@ -44,6 +49,14 @@ class _Cancelled(Exception):
     """A context was deleted while it was being compressed."""
 
 
+def internal_error(what: str) -> str:
+    """Log the exception being handled with a fresh id (traceback in the server's log)
+    and return the client's message, which names the id and nothing internal."""
+    eid = uuid.uuid4().hex[:12]
+    log.exception("%s failed (error id %s)", what, eid)
+    return f"internal server error (id {eid}); the server's log has the details under that id"
+
+
 class Sink:
     """One request's events, handed from the worker thread to the server's event loop.
 
@@ -66,14 +79,27 @@ class Question:
     text: str
     mode: str
     max_new_tokens: int
-    options: tuple  # sorted (name, value) generation options
+    options: tuple  # sorted (name, value) generation options; ("stop", (strings...)) among them
     sink: Sink
     stream: bool = False
     queued: float = field(default_factory=time.perf_counter)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def key(self) -> tuple:
         return (self.context, self.mode, self.max_new_tokens, self.options)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return dict(self.options).get("stop", ())
+
+    def cancel(self) -> None:
+        """The client went away: drop the question, or stop its row at the next token."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
 
 class MemoryCache:
@@ -110,18 +136,25 @@ class MemoryCache:
         return len(self._items)
 
 
-def visible_answer(text: str, mode: str, eos: str | None) -> str:
-    """The part of a generation so far that is surely answer text: after the
-    assistant header (reconstruct mode), before any stop marker, never a
-    marker's first characters or a half-decoded character, stripped like
-    :func:`rcc.prompts.split_answer` strips the final answer."""
+def answer_part(text: str, mode: str) -> str | None:
+    """The answer in a generation so far: after the assistant header in reconstruct
+    mode (None before it), the whole text in manual mode."""
     if mode == "reconstruct":
         head = text.find(ASSISTANT)
-        if head < 0:
-            return ""
-        text = text[head + len(ASSISTANT) :]
+        return None if head < 0 else text[head + len(ASSISTANT):]
+    return text
+
+
+def visible_answer(text: str, mode: str, eos: str | None, stops: tuple[str, ...] = ()) -> str:
+    """The part of a generation so far that is surely answer text: after the
+    assistant header (reconstruct mode), before any stop marker or stop string,
+    never a marker's or stop string's first characters or a half-decoded character,
+    stripped like :func:`rcc.prompts.split_answer` strips the final answer."""
+    text = answer_part(text, mode)
+    if text is None:
+        return ""
     cut = len(text)
-    for stop in (END, eos):
+    for stop in (END, eos, *stops):
         if not stop:
             continue
         i = text.find(stop)
@@ -135,20 +168,60 @@ def visible_answer(text: str, mode: str, eos: str | None) -> str:
     return text[:cut].rstrip("\ufffd").strip()
 
 
-def _finished(text: str, mode: str, eos: str | None) -> bool:
-    if mode == "reconstruct":
-        head = text.find(ASSISTANT)
-        if head < 0:
-            return False
-        text = text[head + len(ASSISTANT) :]
-    return END in text or bool(eos and eos in text)
+def cut_at_stops(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``(answer before its first stop string, whether one was there)``; the stop
+    string itself is left out, as in the OpenAI API and vLLM."""
+    hits = [i for i in (answer.find(s) for s in stops) if i >= 0]
+    return (answer[:min(hits)].strip(), True) if hits else (answer, False)
+
+
+def _finished(text: str, mode: str, eos: str | None, stops: tuple[str, ...] = ()) -> bool:
+    text = answer_part(text, mode)
+    if text is None:
+        return False
+    return END in text or bool(eos and eos in text) or any(s in text for s in stops)
+
+
+class RowStops(StoppingCriteria):
+    """Ends a row of a batch whose question was cancelled or whose answer holds one of
+    the stop strings, and counts the tokens sampled for rows still running.
+
+    The stop-string test decodes the row (as :class:`rcc.ask.AnswerDone` does) and
+    searches only the text the newest token can have completed: per step it costs the
+    row's length plus stops x longest stop, whatever the vocabulary (transformers'
+    ``stop_strings`` precomputes tables of vocabulary x stop length per stop string,
+    which took 44 s for 2,000 short stops and 14.6 GiB for four long ones).
+    """
+
+    def __init__(self, tokenizer, start: int, mode: str, questions: list[Question], metrics: Metrics):
+        self.tok, self.start, self.mode, self.qs, self.metrics = tokenizer, start, mode, questions, metrics
+        self.stops = questions[0].stops  # a batch shares its options
+        self.longest = max(map(len, self.stops), default=0)
+        self.done = [False] * len(questions)
+        self.seen = [0] * len(questions)  # answer characters already searched
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.metrics.add("sampled_tokens", self.done.count(False))
+        for i, q in enumerate(self.qs):
+            if self.done[i]:
+                continue
+            if q.cancelled:
+                self.done[i] = True
+                continue
+            if self.stops:
+                text = answer_part(self.tok.decode(input_ids[i, self.start:], skip_special_tokens=False), self.mode)
+                if text is not None:
+                    tail = text[max(0, self.seen[i] - self.longest - 4):]  # 4: half-decoded characters
+                    self.done[i] = any(s in tail for s in self.stops)
+                    self.seen[i] = len(text)
+        return torch.tensor(self.done, device=input_ids.device)
 
 
 class _RowStreamer:
     """A ``generate`` streamer for a batch: each row's new answer text goes to its sink."""
 
-    def __init__(self, tokenizer, mode: str, sinks: list[Sink | None]):
-        self.tok, self.mode, self.sinks = tokenizer, mode, sinks
+    def __init__(self, tokenizer, mode: str, sinks: list[Sink | None], stops: tuple[str, ...] = ()):
+        self.tok, self.mode, self.sinks, self.stops = tokenizer, mode, sinks, stops
         self.ids: list[list[int]] = [[] for _ in sinks]
         self.sent = [""] * len(sinks)
         self.prompt_seen = False
@@ -162,7 +235,7 @@ class _RowStreamer:
             self.ids[i].extend(value[i].tolist())
             if sink is not None:
                 self.flush(i, visible_answer(self.tok.decode(self.ids[i], skip_special_tokens=False), self.mode,
-                                             self.tok.eos_token))
+                                             self.tok.eos_token, self.stops))
 
     def flush(self, i: int, text: str) -> None:
         if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
@@ -341,8 +414,17 @@ class Engine:
             else:
                 self._compress(job)
 
+    def _drop_cancelled(self) -> None:
+        """Forget waiting questions whose clients went away (caller holds ``_cv``)."""
+        gone = [q for q in self._questions if q.cancelled]
+        if gone:
+            self._questions = [q for q in self._questions if not q.cancelled]
+            self._inflight -= len(gone)
+            self.metrics.add("cancelled_questions", len(gone))
+
     def _take_batch(self) -> list[Question]:
         with self._cv:
+            self._drop_cancelled()
             if not self._questions:
                 return []
             key = self._questions[0].key
@@ -363,10 +445,10 @@ class Engine:
         except RCCError as err:
             for q in batch:
                 q.sink.send("error", 422, str(err))
-        except Exception as err:  # a bug or the device: the clients get a 500, the server stays up
-            log.exception("answering %d questions failed", len(batch))
+        except Exception:  # a bug or the device: the clients get a 500 and an id, the server stays up
+            message = internal_error(f"answering {len(batch)} questions")
             for q in batch:
-                q.sink.send("error", 500, f"the server failed to answer ({type(err).__name__}: {err})")
+                q.sink.send("error", 500, message)
         finally:
             with self._cv:
                 self._inflight -= len(batch)
@@ -397,18 +479,22 @@ class Engine:
         mask = torch.tensor([[0] * (m - len(r)) + [1] * len(r) for r in rows])
         eos = tok.eos_token
         eos_id = None if (mode == "reconstruct" and eos == END) else tok.eos_token_id
-        criteria = StoppingCriteriaList([AnswerDone(tok, memory.num_slots + m, mode)])
-        streamer = _RowStreamer(tok, mode, [q.sink if q.stream else None for q in qs])
-        opts = dict(qs[0].options)
-        if "stop" in opts:
-            opts["stop_strings"] = list(opts.pop("stop"))
+        stops = qs[0].stops
+        rows_done = RowStops(tok, memory.num_slots + m, mode, qs, self.metrics)
+        criteria = StoppingCriteriaList([AnswerDone(tok, memory.num_slots + m, mode), rows_done])
+        streamer = _RowStreamer(tok, mode, [q.sink if q.stream else None for q in qs], stops)
+        opts = {k: v for k, v in qs[0].options if k != "stop"}  # stop strings: RowStops, not transformers'
         out = self.model.generate(memory, ids, attention_mask=mask, max_new_tokens=qs[0].max_new_tokens,
                                   eos_token_id=eos_id, stopping_criteria=criteria, streamer=streamer, **opts)
         self.metrics.add("batches")
         self.metrics.add("batched_questions", len(qs))
         for i, q in enumerate(qs):
+            if q.cancelled:
+                self.metrics.add("cancelled_questions")
+                continue
             text = tok.decode(out[i].tolist(), skip_special_tokens=False)
             question_back, answer = split_answer(text, mode, eos)
+            answer, stopped = cut_at_stops(answer, stops)
             if q.stream:
                 streamer.flush(i, answer)
             n_answer = len(tok(answer, add_special_tokens=False).input_ids)
@@ -418,7 +504,7 @@ class Engine:
                 "answer": answer,
                 "reconstructed_question": question_back,
                 "mode": mode,
-                "finish_reason": "stop" if _finished(text, mode, eos) else "length",
+                "finish_reason": "stop" if stopped or _finished(text, mode, eos) else "length",
                 "prompt_tokens": len(rows[i]),
                 "completion_tokens": n_answer,
                 "slots": memory.num_slots,
@@ -459,9 +545,8 @@ class Engine:
             self.store.delete(cid)
         except RCCError as err:
             self.store.update(cid, status="failed", error=str(err))
-        except Exception as err:
-            log.exception("compressing %s failed", cid)
-            self.store.update(cid, status="failed", error=f"compression failed ({type(err).__name__}: {err})")
+        except Exception:
+            self.store.update(cid, status="failed", error="compression failed: " + internal_error(f"compressing {cid}"))
 
 
 def _stack(memories: list[CompressedContext]) -> CompressedContext:
@@ -476,8 +561,18 @@ def _stack(memories: list[CompressedContext]) -> CompressedContext:
 
 
 def load_engine(cfg: ServeConfig) -> Engine:
-    """Load the model named by ``cfg.model`` and open the store (not yet started)."""
-    return Engine(load_serve_model(cfg), Store(cfg.store), cfg)
+    """Open (and lock) the store, then load the model named by ``cfg.model`` (not yet started).
+
+    Raises:
+        RCCError: when another server holds the store (before the slow model load), or
+            the model cannot be loaded.
+    """
+    store = Store(cfg.store)
+    try:
+        return Engine(load_serve_model(cfg), store, cfg)
+    except BaseException:
+        store.close()
+        raise
 
 
 def load_serve_model(cfg: ServeConfig):

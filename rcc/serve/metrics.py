@@ -67,6 +67,8 @@ class Metrics:
             "batches": "generate calls",
             "batched_questions": "questions answered (sum over generate calls)",
             "rejected_queue_full": "questions refused with 429",
+            "sampled_tokens": "decode steps of rows whose question was still running (answered or not)",
+            "cancelled_questions": "questions dropped or stopped because their client went away",
         }
         lines = ["# HELP rcc_requests_total HTTP requests by route and status", "# TYPE rcc_requests_total counter"]
         with self.lock:

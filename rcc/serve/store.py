@@ -9,16 +9,26 @@ during compression leaves the row ``queued``/``compressing`` and the document
 on disk: :meth:`Store.recover` queues it again (or marks it failed after
 :data:`MAX_ATTEMPTS` crashed attempts, so a document that kills the server
 cannot do so forever).
+
+One server at a time: the store is locked (``flock`` on ``<store>/serve.lock``) for as
+long as a :class:`Store` is open, and a second one is refused with one line. Servers
+sharing a store would each keep their own memory cache and job queue, so a context
+deleted through one would still be answered by the other, and a document posted to
+both compressed twice. The kernel drops the lock when its process dies, so a server
+killed with -9 does not leave the store locked.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from ..errors import RCCError
 from ..io import atomic_write_text
 
 STATUSES = ("queued", "compressing", "ready", "failed")
@@ -39,7 +49,12 @@ class Store:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RCCError(f"--store {self.root}: cannot create it ({err.strerror or err}); give a writable folder") \
+                from None
+        self._owner = _lock_store(self.root)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.root / "index.sqlite3"), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -125,3 +140,29 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._owner is not None:
+            self._owner.close()  # releases the flock
+            self._owner = None
+
+
+def _lock_store(root: Path):
+    """The open lock file of ``root``, locked for this process (its pid written in it).
+
+    Raises:
+        RCCError: when another process holds the lock.
+    """
+    path = root / "serve.lock"
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise RCCError(f"the store {root} is in use by another rcc serve (pid {pid}); stop that server, or give "
+                       "this one its own --store") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..errors import RCCError
 from ..prompts import build, split_answer
-from ..serve.engine import Engine, Question, ServeError, _finished, load_serve_model, visible_answer
+from ..serve.engine import (Engine, Question, ServeError, _finished, cut_at_stops, internal_error, load_serve_model,
+                            visible_answer)
 from ..serve.store import Store
 from .export import export_decoder, rcc_section
 from .generate import answer_length, engine_args, eos_for, prompt_for, sampling_for
@@ -68,11 +69,11 @@ class VLLMEngine(Engine):
 
     id_suffix = "+vllm"
 
-    def __init__(self, model, cfg, metrics=None):
+    def __init__(self, model, store: Store, cfg, metrics=None):
         from vllm import EngineArgs, LLMEngine
 
         folder = exported_folder(model, cfg.store)
-        super().__init__(model, Store(cfg.store), cfg, metrics)
+        super().__init__(model, store, cfg, metrics)
         self.max_model_len = cfg.max_model_len or int(getattr(model.decoder.config, "max_position_embeddings", 4096))
         args = engine_args(folder, max_model_len=self.max_model_len, max_num_seqs=cfg.max_concurrent)
         self.llm = LLMEngine.from_engine_args(EngineArgs(**args))
@@ -98,6 +99,15 @@ class VLLMEngine(Engine):
         live: dict[str, _Live] = {}
         self._admit(live)
         while live:
+            gone = [rid for rid, r in live.items() if r.q.cancelled]  # the client went away: stop its request
+            if gone:
+                self.llm.abort_request(gone)
+                for rid in gone:
+                    del live[rid]
+                self.metrics.add("cancelled_questions", len(gone))
+                self._release(len(gone))
+                if not live:
+                    break
             for out in self.llm.step():
                 r = live.get(out.request_id)
                 if r is not None and self._update(out.request_id, r, out):
@@ -106,6 +116,7 @@ class VLLMEngine(Engine):
 
     def _take_all(self) -> list[Question]:
         with self._cv:
+            self._drop_cancelled()
             taken, self._questions = self._questions, []
             return taken
 
@@ -121,8 +132,7 @@ class VLLMEngine(Engine):
                 elif isinstance(err, (RCCError, ValueError)):  # vLLM refuses bad input with ValueError
                     status, msg = 422, str(err)
                 else:
-                    log.exception("adding a question to vLLM failed")
-                    status, msg = 500, f"the server failed to answer ({type(err).__name__}: {err})"
+                    status, msg = 500, internal_error("adding a question to vLLM")
                 q.sink.send("error", status, msg)
                 self._release(1)
 
@@ -144,6 +154,8 @@ class VLLMEngine(Engine):
     def _update(self, rid: str, r: _Live, out) -> bool:
         """Stream the new text of one output; True once the question is answered."""
         ids = list(out.outputs[0].token_ids)
+        self.metrics.add("sampled_tokens", len(ids) - len(r.ids))
+        r.ids = list(ids)
         eos = self.tok.eos_token
         n = answer_length(self.tok, ids, r.q.mode) if _finished(self.tok.decode(ids, skip_special_tokens=False),
                                                                  r.q.mode, eos) else None
@@ -151,12 +163,13 @@ class VLLMEngine(Engine):
             ids = ids[:n]
         text = self.tok.decode(ids, skip_special_tokens=False)
         if r.q.stream:
-            self._flush(r, visible_answer(text, r.q.mode, eos))
+            self._flush(r, visible_answer(text, r.q.mode, eos, r.q.stops))
         if n is None and not out.finished:
             return False
         if not out.finished:
             self.llm.abort_request([rid])
         question_back, answer = split_answer(text, r.q.mode, eos)
+        answer, stopped = cut_at_stops(answer, r.q.stops)  # vLLM cuts its text, not the token ids decoded here
         if r.q.stream:
             self._flush(r, answer)
         n_answer = len(self.tok(answer, add_special_tokens=False).input_ids)
@@ -164,7 +177,7 @@ class VLLMEngine(Engine):
         self.metrics.observe("question_seconds", time.perf_counter() - r.q.queued)
         r.q.sink.send("done", {
             "answer": answer, "reconstructed_question": question_back, "mode": r.q.mode,
-            "finish_reason": "stop" if _finished(text, r.q.mode, eos) else "length",
+            "finish_reason": "stop" if stopped or _finished(text, r.q.mode, eos) else "length",
             "prompt_tokens": r.prompt_len, "completion_tokens": n_answer, "slots": r.slots, "batch": r.batch,
         })
         self._release(1)
@@ -194,4 +207,9 @@ def load_vllm_engine(cfg) -> VLLMEngine:
     Raises:
         RCCError: for a model that cannot be loaded or a decoder the plugin does not serve.
     """
-    return VLLMEngine(load_serve_model(cfg), cfg)
+    store = Store(cfg.store)  # locked before the slow loads
+    try:
+        return VLLMEngine(load_serve_model(cfg), store, cfg)
+    except BaseException:
+        store.close()
+        raise

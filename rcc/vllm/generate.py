@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..ask import Answer, choose_mode
 from ..errors import RCCError
+from ..generation import check_max_new_tokens, check_sampling
 from ..prompts import ASSISTANT, END, build, split_answer
 from .export import rcc_section
 from .slot_memory import SlotMemory, check_slots, compress_slots
@@ -60,7 +61,14 @@ def prompt_for(memory: SlotMemory, prompt_ids: list[int]) -> dict:
 
 def sampling_for(max_new_tokens: int, eos_token_id: int | None, logprobs: int | None = None, **options):
     """``SamplingParams`` matching :meth:`rcc.RCCModel.generate`: greedy unless
-    ``temperature`` / ``top_p`` / ``top_k`` are given; ``eos_token_id`` None: no eos stop."""
+    ``temperature`` / ``top_p`` / ``top_k`` are given; ``eos_token_id`` None: no eos stop.
+
+    Raises:
+        RCCError: for values outside :func:`rcc.generation.check_sampling`'s ranges (the
+            rules of the CLI and of the transformers engine).
+    """
+    check_max_new_tokens(max_new_tokens, name=str)
+    check_sampling(**{k: options.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}, name=str)
     from vllm import SamplingParams
 
     opts = {"temperature": 0.0}

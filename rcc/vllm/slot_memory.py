@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from .. import adapters
 from ..errors import RCCError
 from ..io import atomic_save_file
-from ..memory import STORAGE_DTYPES, _metadata_hash, _read_header, _tensors_hash, dtype_name, storage_dtype, token_hash
+from ..memory import (_RECOMPRESS, _SAFETENSORS_DTYPES, STORAGE_DTYPES, _fields, _metadata_hash, _read_header, _tensors_hash,
+                      check_finite, dtype_name, storage_dtype, token_hash)
 
 FORMAT = "rcc-slots/1"
 #: the payload's field names (the multimodal item's keys)
@@ -139,20 +140,28 @@ class SlotMemory:
         if not path.is_file():
             raise RCCError(f"{path}: no such slot file; make one with rcc serve --engine vllm (or compress_slots)")
         try:
-            meta, _, expected = _read_header(path)
+            meta, entries, expected = _read_header(path)
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
             if path.stat().st_size != expected:
                 raise ValueError(f"{path.stat().st_size} bytes, its header describes {expected}")
             if meta.get("metadata_sha256") != _metadata_hash(meta):
                 raise ValueError("its metadata does not match its checksum")
+            if set(entries) != {"slots"}:  # before any tensor is read
+                raise ValueError(f"tensors {sorted(entries)[:4]}, expected only 'slots'")
+            if meta.get("dtype") != _SAFETENSORS_DTYPES.get(entries["slots"]["dtype"]):
+                raise ValueError(f"tensor dtype {entries['slots']['dtype']} disagrees with the dtype field")
+            ints = _fields(meta, path)
+            shape = entries["slots"]["shape"]
+            if len(shape) != 3 or shape[:2] != [ints["num_slots"], ints["layers"] + 1] or not shape[2]:
+                raise ValueError(f"slots of shape {tuple(shape)} disagree with its fields")
             tensors = load_file(str(path), device="cpu")
-            if set(tensors) != {"slots"} or _tensors_hash(tensors) != meta.get("tensors_sha256"):
+            if _tensors_hash(tensors) != meta.get("tensors_sha256"):
                 raise ValueError("checksum mismatch")
+            check_finite(tensors, path)
             slots = tensors["slots"]
-            ints = {k: int(meta[k]) for k in ("num_tokens", "num_slots", "window", "ratio", "layers")}
-            if slots.dim() != 3 or slots.shape[0] != ints["num_slots"] or slots.shape[1] != ints["layers"] + 1:
-                raise ValueError(f"slots of shape {tuple(slots.shape)} disagree with its fields")
+        except RCCError as err:  # the shared field and value checks name the file themselves
+            raise RCCError(f"not a usable slot file: {err}".replace(f"; {_RECOMPRESS}", f"; {_AGAIN}")) from None
         except (ValueError, KeyError, OSError, SafetensorError, UnicodeDecodeError) as err:
             raise RCCError(f"{path}: not a usable slot file ({err}); {_AGAIN}") from None
         cast = storage_dtype(dtype)
