@@ -156,9 +156,10 @@ def pack(members: dict[str, Path], folder: Path, root: Path, margin: int = MARGI
     tree = tree_bytes(root)
     sizes = {name: sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
              for name, path in members.items()}
-    if old and old.get("members_digest") == digest and old.get("tree_bytes") == tree and old.get("margin") == margin \
-            and all((folder / p["name"]).is_file() for p in old["pieces"]):
-        return old
+    if old and old.get("members_digest") == digest and old.get("margin") == margin \
+            and all((folder / p["name"]).is_file() for p in old["pieces"]) \
+            and max(p["bytes"] for p in old["pieces"]) <= piece_limit(tree, margin // 2):
+        return old  # the pieces still fit with half the margin: the same pieces, the same sha256s
     return cut(blob, folder, piece_limit(tree, margin), digest, sizes, tree, margin)
 
 
