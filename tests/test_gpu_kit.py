@@ -145,19 +145,23 @@ def test_what_would_not_come_back_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------- shards
-def test_shards_survive_a_torn_slot_and_join_rebuilds_the_model(tokens, tmp_path):
+def test_shards_refuse_a_torn_set_and_join_rebuilds_the_model(tokens, tmp_path):
     run = tmp_path / "run"
     result = train(tiny(tokens, run, max_steps=3, save_every=1, keep_checkpoints=3, eval_batches=0))
     ckpts = checkpoints(run)
     out = tmp_path / "out"
-    shards.export(ckpts[1], out, "a", max_mib=0.01)  # many small files: step 2 in slot a
-    files_b = shards.export(ckpts[2], out, "b", max_mib=0.01)  # step 3 in slot b
-    assert len(files_b) > 2 and shards.newest(out)[0] == 3
-    files_b[1].write_bytes(files_b[1].read_bytes()[:100])  # a kill mid-write of slot b
-    step, files, _ = shards.newest(out)
-    assert step == 2 and all(f.name.startswith("ckpt-a-") for f in files)
-    files_b[1].unlink()
-    shards.export(ckpts[2], out, "b")  # whole again, in one file
+    files = shards.export(ckpts[1], out, max_mib=0.01)  # many small files: step 2
+    assert len(files) > 2 and shards.newest(out)[0] == 2
+    shards.export(ckpts[2], out, max_mib=0.01)
+    newer = files[1].read_bytes()
+    shards.export(ckpts[1], out, max_mib=0.01)
+    files[1].write_bytes(newer)  # a kill between two renames: files of steps 2 and 3
+    assert shards.newest(out) is None
+    files[1].write_bytes(newer[:100])  # a damaged file
+    assert shards.newest(out) is None
+    (out / "ckpt-00-of-99.safetensors.part").write_bytes(b"partial")  # a kill mid-write leaves this beside
+    shards.export(ckpts[2], out)  # step 3 in one file: the smaller set replaces the larger
+    assert [p.name for p in out.glob("ckpt-*-of-*.safetensors")] == ["ckpt-00-of-01.safetensors"]
     dest = shards.join(out, tmp_path / "final")
     model = RCCModel.from_pretrained(str(dest))
     with safe_open(str(ckpts[2] / "model.safetensors"), "pt") as fh:

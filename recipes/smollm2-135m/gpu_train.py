@@ -10,9 +10,10 @@ to that call's deadline, with the weights in ``$OUT`` whatever happens.
   the run stops while one more step and a save still fit, and
   ``run.fit_schedule`` ends the schedule (warm-up, cosine) then.
 - Checkpoints every ``SAVE_MINUTES`` (default 1.5) and at the end; after each,
-  its trained weights go to ``$OUT`` as bf16 shards (``shards.export``, two
-  slots in turn), with ``log.jsonl`` and ``status.json``: a run killed at the
-  call's limit or stopped by an error still returns its last checkpoint.
+  its trained weights go to ``$OUT`` as bf16 shards (``shards.export``, each
+  file renamed over the older one), with ``log.jsonl`` and ``status.json``: a
+  run killed at the call's limit or stopped by an error still returns its last
+  checkpoint.
 - The config's data, when the payload carries it (``payload.json``), is read
   from the payload.
 """
@@ -47,7 +48,6 @@ class Exporter:
         self.checkpoints = checkpoints
         self.run_dir, self.out, self.status = run_dir, out, status
         self.exported: Path | None = None
-        self.exports = 0
         out.mkdir(parents=True, exist_ok=True)
 
     def on_step(self, step: int, metrics: dict) -> None:
@@ -64,15 +64,12 @@ class Exporter:
         if not found or found[-1] == self.exported:
             return
         ckpt = found[-1]
-        both = 2 * shards.shard_count(ckpt) + shards.OTHER_FILES <= shards.RETURN_FILES
-        slot = shards.SLOTS[self.exports % 2] if both else shards.SLOTS[0]
         began = time.monotonic()
-        files = shards.export(ckpt, self.out, slot)
-        self.exported, self.exports = ckpt, self.exports + 1
+        files = shards.export(ckpt, self.out)
+        self.exported = ckpt
         self.status["exported_step"] = int(ckpt.name.removeprefix("step-"))
-        self.status["exported_slot"] = slot
         self.write()
-        print(f"gpu-train: {ckpt.name} -> {len(files)} files of slot {slot} in $OUT "
+        print(f"gpu-train: {ckpt.name} -> {len(files)} files in $OUT "
               f"({sum(f.stat().st_size for f in files) / 2**20:.1f} MiB, {time.monotonic() - began:.1f} s)", flush=True)
 
     def write(self) -> None:

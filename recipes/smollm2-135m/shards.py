@@ -3,11 +3,13 @@ limits (at most 8 files of 16 MiB, 64 MiB in all; docs/training.md, "A GPU run
 in 15 minutes"), and back into a model folder here.
 
 - :func:`export` writes the trained parameters of ``checkpoints/step-N`` in
-  bfloat16 as ``ckpt-S-II-of-NN.safetensors`` (files of at most ``max_mib``),
-  slot S ``a`` or ``b`` in turn: a kill while one slot is written leaves the
-  other one whole. Each file carries the step, its place, the training config
-  and the trainer state in its metadata.
-- :func:`newest` finds the newest slot whose files are all there and readable.
+  bfloat16 as ``ckpt-II-of-NN.safetensors`` (files of at most ``max_mib``),
+  each written beside its name and renamed over the older one: ``$OUT`` holds
+  one set (the bundled recipe's: three files, 38 MiB; two sets would be over the
+  64 MiB that come back) and at most one partial file. Each file carries the
+  step, its place, the training config and the trainer state in its metadata.
+- :func:`newest` reads the set back, and refuses files of two steps (a kill
+  between two renames) or a damaged file.
 - :func:`join` (here, with rcc installed) rebuilds the model the config trains,
   loads those weights into it and saves it as ``rcc train`` saves ``final``.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,10 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "rcc-gpu-shards/1"
-PATTERN = re.compile(r"ckpt-([ab])-(\d\d)-of-(\d\d)\.safetensors")
-SLOTS = "ab"
-RETURN_FILES = 8     # what one call brings back
-OTHER_FILES = 2      # log.jsonl and status.json beside the shards
+PATTERN = re.compile(r"ckpt-(\d\d)-of-(\d\d)\.safetensors")
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -46,71 +45,61 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return out + ([current] if current else [])
 
 
-def shard_count(checkpoint: Path, max_mib: float = 15.0) -> int:
-    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as fh:
-        total = 0
-        for key in fh.keys():
-            sl = fh.get_slice(key)
-            total += math.prod(sl.get_shape()) * (2 if sl.get_dtype() in ("F32", "F16", "BF16", "F64") else 8)
-    return max(1, math.ceil(total / (max_mib * 2**20)))
+def export(checkpoint: Path, out: Path, max_mib: float = 15.0) -> list[Path]:
+    """Write ``checkpoint``'s trained parameters (bf16) into ``out``; returns the files.
 
-
-def export(checkpoint: Path, out: Path, slot: str, max_mib: float = 15.0) -> list[Path]:
-    """Write ``checkpoint``'s trained parameters (bf16) into ``out`` as slot ``slot``; returns the files.
-
-    The slot's older files are removed first, so a kill mid-way leaves an
-    incomplete slot that :func:`newest` passes over.
+    One file at a time is written beside its name (``*.part``) and renamed over
+    the older one, so ``out`` never holds more than one set and one partial file.
     """
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     groups = _shards(tensors, int(max_mib * 2**20))
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"ckpt-{slot}-*-of-*.safetensors"):
-        old.unlink()
-    meta = {"format": FORMAT, "slot": slot, "step": checkpoint.name.removeprefix("step-").lstrip("0") or "0",
+    meta = {"format": FORMAT, "step": checkpoint.name.removeprefix("step-").lstrip("0") or "0",
             "train_config": (checkpoint / "train_config.json").read_text(),
             "trainer_state": (checkpoint / "trainer_state.json").read_text()}
     paths = []
     for i, group in enumerate(groups):
-        path = out / f"ckpt-{slot}-{i:02d}-of-{len(groups):02d}.safetensors"
-        save_file(group, str(path), metadata={**meta, "index": str(i), "count": str(len(groups))})
+        path = out / f"ckpt-{i:02d}-of-{len(groups):02d}.safetensors"
+        part = path.with_name(path.name + ".part")
+        save_file(group, str(part), metadata={**meta, "index": str(i), "count": str(len(groups))})
+        os.replace(part, path)
         paths.append(path)
+    for old in out.glob("ckpt-*-of-*.safetensors"):
+        if old not in paths:
+            old.unlink()  # a set of another size
     return paths
 
 
 def newest(folder: Path) -> tuple[int, list[Path], dict] | None:
-    """``(step, files, metadata)`` of the newest slot in ``folder`` whose files are all
-    there, readable and of one step; None when there is none."""
-    found: dict[str, list[Path]] = {}
-    for path in folder.glob("ckpt-*-of-*.safetensors"):
-        if PATTERN.fullmatch(path.name):
-            found.setdefault(path.name[5], []).append(path)
-    best = None
-    for files in found.values():
-        metas = []
-        try:
-            for path in sorted(files):
-                with safe_open(str(path), framework="pt") as fh:
-                    metas.append(fh.metadata() or {})
-                    for key in fh.keys():  # a truncated file fails here
-                        fh.get_tensor(key)
-        except (SafetensorError, OSError, ValueError):
-            continue
-        counts = {m.get("count") for m in metas}
-        steps = {m.get("step") for m in metas}
-        if (len(counts) != 1 or len(steps) != 1 or int(counts.pop()) != len(files)
-                or sorted(int(m["index"]) for m in metas) != list(range(len(files)))
-                or any(m.get("format") != FORMAT for m in metas)):
-            continue
-        step = int(steps.pop())
-        if best is None or step > best[0]:
-            best = (step, sorted(files), metas[0])
-    return best
+    """``(step, files, metadata)`` of the set in ``folder`` when every file is there,
+    readable and of one step; None (and why, on stderr) otherwise."""
+    files = sorted(p for p in folder.glob("ckpt-*-of-*.safetensors") if PATTERN.fullmatch(p.name))
+    if not files:
+        return None
+    metas = []
+    try:
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                metas.append(fh.metadata() or {})
+                for key in fh.keys():  # a damaged file fails here
+                    fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as err:
+        print(f"shards: {folder}: a damaged file ({err})", file=sys.stderr)
+        return None
+    steps = sorted({m.get("step") for m in metas})
+    if len(steps) != 1 or any(m.get("format") != FORMAT for m in metas) \
+            or sorted(int(m["index"]) for m in metas) != list(range(len(files))) \
+            or {int(m["count"]) for m in metas} != {len(files)}:
+        print(f"shards: {folder}: not one whole set (steps {', '.join(map(str, steps))}: killed between two "
+              "files?)", file=sys.stderr)
+        return None
+    return int(steps[0]), files, metas[0]
 
 
 def join(folder: Path, dest: Path) -> Path:
-    """Rebuild the trained model from the newest whole slot in ``folder`` into ``dest``."""
+    """Rebuild the trained model from the whole set in ``folder`` into ``dest``."""
     from rcc.train import save_final
     from rcc.train_config import TrainConfig
     from rcc.train_model import build_model
@@ -136,7 +125,7 @@ def join(folder: Path, dest: Path) -> Path:
             own[name].copy_(value.to(own[name].dtype))
     save_final(model, cfg, dest)
     (dest / "trainer_state.json").write_text(meta["trainer_state"])
-    print(f"shards: step {step} from {len(files)} files of slot {meta['slot']} -> {dest}", file=sys.stderr)
+    print(f"shards: step {step} from {len(files)} files -> {dest}", file=sys.stderr)
     return dest
 
 
