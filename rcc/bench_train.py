@@ -55,9 +55,11 @@ from .errors import RCCError
 log = logging.getLogger(__name__)
 
 # dense tensor-core peaks in TFLOP/s: (bf16/fp16, fp32 without TF32), by a name fragment of
-# torch.cuda.get_device_name(); the first match wins (longer names first)
+# torch.cuda.get_device_name(); the first match wins (longer names first). Datasheet values, except
+# the H200's bf16: 790, what an 8192^3 bf16 matmul through PyTorch reaches on the H200s this project
+# borrows (769-798 TFLOP/s; the datasheet's 989 is not reached); `--peak-tflops measure` measures one.
 GPU_PEAK_TFLOPS: list[tuple[str, float, float]] = [
-    ("H100 PCIe", 756.0, 51.0), ("H100 NVL", 835.0, 60.0), ("H100", 989.0, 67.0), ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0), ("H100 NVL", 835.0, 60.0), ("H100", 989.0, 67.0), ("H200", 790.0, 67.0),
     ("GH200", 989.0, 67.0), ("B200", 2250.0, 80.0), ("A100", 312.0, 19.5), ("A800", 312.0, 19.5),
     ("L40S", 362.0, 91.6), ("L40", 181.0, 90.5), ("L4", 121.0, 30.3), ("A10G", 70.0, 31.2), ("A10", 125.0, 31.2),
     ("RTX 4090", 165.0, 82.6), ("RTX A6000", 155.0, 38.7), ("RTX 3090", 71.0, 35.6), ("V100", 125.0, 15.7),
@@ -123,12 +125,17 @@ def step_flops(model, cfg, batch: dict, counts: tuple[dict, dict] | None = None)
     return float(flops)
 
 
-def device_peak(device: torch.device, compute: torch.dtype, given_tflops: float | None) -> tuple[float | None, str]:
-    """``(peak FLOP/s or None, where it came from)``."""
+def device_peak(device: torch.device, compute: torch.dtype,
+                given_tflops: float | str | None) -> tuple[float | None, str]:
+    """``(peak FLOP/s or None, where it came from)``; ``given_tflops="measure"``
+    measures a matmul in the compute dtype on the device (8192-square on a GPU)."""
     import torch
 
-    if given_tflops:
-        return given_tflops * 1e12, "--peak-tflops"
+    if given_tflops == "measure" and device.type == "cuda":
+        name = str(compute).removeprefix("torch.")
+        return matmul_peak(compute, size=8192, repeats=10, device=device), f"measured: {name} 8192^3 matmul"
+    if given_tflops and given_tflops != "measure":
+        return float(given_tflops) * 1e12, "--peak-tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, half, single in GPU_PEAK_TFLOPS:
@@ -140,11 +147,22 @@ def device_peak(device: torch.device, compute: torch.dtype, given_tflops: float 
     return matmul_peak(compute), f"measured: {name} matmul on {torch.get_num_threads()} threads"
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
-    """The best FLOP/s of a ``size``-square CPU matmul in ``dtype`` (a stand-in for the CPU's peak)."""
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 8, device=None) -> float:
+    """The best FLOP/s of a ``size``-square matmul in ``dtype`` (on a CPU: a stand-in for its peak;
+    on a GPU: the mean of ``repeats`` synchronised products after three warm-ups)."""
     import torch
 
-    a, w = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    device = torch.device(device or "cpu")
+    a, w = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    if device.type == "cuda":
+        for _ in range(3):
+            a @ w
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ w
+        torch.cuda.synchronize(device)
+        return 2 * size**3 * repeats / (time.perf_counter() - start)
     best = math.inf
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -360,7 +378,7 @@ def _random_tokens(cfg, vocab: int, folder: Path) -> str:
 
 # ----------------------------------------------------------------- run
 def run(config: str, overrides: list[str], compare: list[str], legacy_overrides: list[str], steps: int = 3,
-        warmup: int = 1, device: str | None = None, peak_tflops: float | None = None, random_data: bool = False,
+        warmup: int = 1, device: str | None = None, peak_tflops: float | str | None = None, random_data: bool = False,
         progress=None) -> dict:
     """Measure the training step of ``config`` (see the module docstring).
 
@@ -479,11 +497,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--legacy", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the legacy variant only (e.g. mixed_precision=no)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: table / measured)")
+    p.add_argument("--peak-tflops", type=_peak_arg, metavar="TFLOPS|measure",
+                   help="the device's peak TFLOP/s for MFU, or 'measure' (a matmul on the device); default: the "
+                        "table on a GPU (an H200: 790, measured), a measured matmul on a CPU")
     p.add_argument("--random-data", action="store_true", help="random token ids instead of the config's train_data")
     p.add_argument("-o", "--output", default="runs/bench-train.json",
                    help="JSON result (default runs/bench-train.json)")
     p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _peak_arg(text: str) -> float | str:
+    if text == "measure":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TFLOP/s or 'measure', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def route(argv: list[str]) -> list[str]:
@@ -497,7 +529,7 @@ def route(argv: list[str]) -> list[str]:
 
 
 def cmd(args) -> int:
-    """``rcc bench train``: print the table, write the JSON."""
+    """``rcc bench train``: print the table, write the JSON and the table beside it (``.md``)."""
     from .memory import atomic_write_text
 
     say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr, flush=True))
@@ -506,6 +538,8 @@ def cmd(args) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
-    print(format_table(result))
-    print(f"rcc: wrote {out}", file=sys.stderr)
+    table = format_table(result)
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
+    print(table)
+    print(f"rcc: wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0

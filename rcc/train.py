@@ -45,7 +45,9 @@ STATE_NAME = "trainer_state.json"
 TRAIN_CONFIG_NAME = "train_config.json"
 # options that may change between a run and its resumption without a warning
 _RESUMABLE = {f"run.{k}" for k in ("resume", "progress", "log_every", "eval_every", "eval_batches", "save_every",
-                                   "keep_checkpoints", "num_workers", "tensorboard", "compile")}
+                                   "keep_checkpoints", "num_workers", "tensorboard", "compile", "stop_at",
+                                   "fit_schedule", "save_minutes")}
+FIT_AFTER = 6  # run.fit_schedule measures the step time over steps 2..FIT_AFTER (step 1 warms up)
 
 
 @dataclass
@@ -213,6 +215,15 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, cfg: TrainConfi
     return final
 
 
+def _timed_save(budget: _Budget, *args) -> float:
+    """:func:`_save_checkpoint`, its duration kept in ``budget``; returns when it ended."""
+    began = time.monotonic()
+    _save_checkpoint(*args)
+    ended = time.monotonic()
+    budget.save_s = max(budget.save_s or 0.0, ended - began)
+    return ended
+
+
 def _resume_point(cfg: TrainConfig, output_dir: Path) -> Path | None:
     existing = checkpoints(output_dir)
     if cfg.run.resume == "never":
@@ -242,12 +253,53 @@ def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
                     path, ", ".join(changed))
 
 
-def _out_of_time(deadline: float, accelerator) -> bool:
-    """Whether any process is past ``deadline`` (all processes decide together)."""
+def _any(flag: bool, accelerator) -> bool:
+    """Whether ``flag`` holds on any process (all processes decide together)."""
     if accelerator.num_processes == 1:
-        return time.monotonic() > deadline  # no device round trip
-    late = torch.tensor([float(time.monotonic() > deadline)], device=accelerator.device)
+        return flag  # no device round trip
+    late = torch.tensor([float(flag)], device=accelerator.device)
     return bool(accelerator.reduce(late, "max").item() > 0)
+
+
+class _Budget:
+    """The run's time limits and what it measured of itself: ``run.max_minutes``
+    (spent: stop once past it), ``run.stop_at`` (stopped and saved by then: stop
+    while one more step, an evaluation and a save still fit) and, for
+    ``run.fit_schedule``, the steps the time left buys."""
+
+    def __init__(self, run, trained: int = 0) -> None:
+        now = time.monotonic()
+        # before a save was measured: a checkpoint (weights and two AdamW moments in float32) on a slow disk
+        self.save_guess = 1.0 + 12 * trained / 50e6
+        self.spent_at = now + 60 * run.max_minutes if run.max_minutes else None
+        self.done_by = now + (run.stop_at - time.time()) if run.stop_at is not None else None
+        self.steps: list[float] = []
+        self.save_s: float | None = None
+        self.eval_s = 0.0
+
+    @property
+    def limited(self) -> bool:
+        return self.spent_at is not None or self.done_by is not None
+
+    def _save_reserve(self) -> float:  # a checkpoint and ``final``
+        return 2 * (self.save_s if self.save_s is not None else self.save_guess)
+
+    def over(self) -> bool:
+        now = time.monotonic()
+        if self.spent_at is not None and now > self.spent_at:
+            return True
+        step = max(self.steps[-5:], default=0.0)
+        return self.done_by is not None and now + step + self.eval_s + self._save_reserve() > self.done_by
+
+    def fit(self, step: int, total: int) -> int:
+        """The total steps that end with the time (at most ``total``), from the pace of steps 2..``step``."""
+        pace = sum(self.steps[1:step]) / max(1, step - 1)
+        now = time.monotonic()
+        lefts = [self.spent_at - now] if self.spent_at is not None else []  # spent: the saves come after it
+        if self.done_by is not None:
+            lefts.append(self.done_by - now - self._save_reserve() - self.eval_s)
+        left = min(lefts)
+        return max(step + 1, min(total, step + int(0.95 * left / max(pace, 1e-9))))
 
 
 # ------------------------------------------------------------------- loop
@@ -328,6 +380,8 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
         extra = load_training_state(resume_from, model, optimizer, scheduler, scaler=accelerator.scaler,
                                     fsdp=accelerator.distributed_type == DistributedType.FSDP)
         accelerator.step = int(extra.get("accelerator_step", saved["micro_step"]))
+        if cfg.run.fit_schedule and saved.get("total_steps"):  # the schedule fitted by the run it continues
+            total_steps = min(total_steps, int(saved["total_steps"]))
         state.update(saved, total_steps=total_steps)
         log.info("resumed from %s (step %d)", resume_from, state["step"])
     if main:
@@ -363,10 +417,13 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     micro_batches = tokens = 0
     clock = time.perf_counter()
-    deadline = time.monotonic() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else None
+    budget = _Budget(cfg.run, sum(p.numel() for p in model.parameters() if p.requires_grad))
+    fit = cfg.run.fit_schedule and resume_from is None
+    last_save = time.monotonic()
     _set_modes(model, cfg, True, accelerator)
     try:
         while state["step"] < total_steps:
+            began = time.monotonic()
             for _ in range(cfg.optim.grad_accum):
                 host_batch = next(batches)
                 tokens += host_batch["context_ids"].numel() + host_batch["input_ids"].numel()
@@ -385,6 +442,18 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
             state["step"] += 1
             step = state["step"]
             bar.update(1)
+            if fit and step in (1, FIT_AFTER) and cuda:
+                torch.cuda.synchronize(accelerator.device)  # the pace is the device's, not the launch queue's
+            budget.steps.append(time.monotonic() - began)
+            if fit and step == FIT_AFTER and step < total_steps:
+                fitted = budget.fit(step, total_steps)
+                if world > 1:  # every process runs the same schedule: the smallest
+                    fitted = int(accelerator.gather(torch.tensor([fitted], device=accelerator.device)).min().item())
+                if fitted < total_steps and main:
+                    log.info("fit_schedule: %d steps fit the time left (%.3f s a step); the schedule ends at step "
+                             "%d instead of %d", fitted, sum(budget.steps[1:]) / (step - 1), fitted, total_steps)
+                total_steps = state["total_steps"] = fitted
+                bar.total = total_steps
 
             if step % cfg.run.log_every == 0 or step == total_steps:
                 counts = torch.tensor([micro_batches, tokens], dtype=torch.float64, device=loss_sum.device)
@@ -401,6 +470,7 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 _record(main, output_dir, writer, metrics)
             if eval_count and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
+                eval_began = time.monotonic()
                 _set_modes(model, cfg, False, accelerator)
                 result = {"step": step, **evaluate(model, eval_batches, eval_count, accelerator)}
                 _set_modes(model, cfg, True, accelerator)
@@ -410,17 +480,21 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
                     line = (f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy "
                             f"{result['eval_accuracy']:.3f} ({result['eval_tokens']} tokens)")
                     bar.write(line) if not bar.disable else log.info(line)
+                budget.eval_s = max(budget.eval_s, time.monotonic() - eval_began)
                 clock = time.perf_counter()
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
-                _save_checkpoint(accelerator, output_dir, dict(state), cfg, (model, optimizer, scheduler))
+            stop = budget.limited and step < total_steps and _any(budget.over(), accelerator)
+            due = cfg.run.save_minutes is not None and time.monotonic() - last_save > 60 * cfg.run.save_minutes
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps or stop or \
+                    _any(due, accelerator):
+                last_save = _timed_save(budget, accelerator, output_dir, dict(state), cfg, (model, optimizer, scheduler))
                 clock = time.perf_counter()
+            if stop and main:
+                why = (f"max_minutes={cfg.run.max_minutes:g} is spent" if budget.spent_at is not None
+                       and time.monotonic() > budget.spent_at else "run.stop_at is near")
+                log.warning("%s: stopping at step %d of %d (resume=auto continues)", why, step, total_steps)
             if on_step is not None:
                 on_step(step, dict(metrics))
-            if deadline is not None and step < total_steps and _out_of_time(deadline, accelerator):
-                _save_checkpoint(accelerator, output_dir, dict(state), cfg, (model, optimizer, scheduler))
-                if main:
-                    log.warning("max_minutes=%g is spent: stopping at step %d of %d (resume=auto continues)",
-                                cfg.run.max_minutes, step, total_steps)
+            if stop:
                 break
     finally:
         bar.close()
@@ -431,16 +505,22 @@ def train(config: TrainConfig | str | Path | dict, overrides: list[str] | tuple[
     final = _final_model(accelerator, model)
     final_dir = output_dir / "final"
     if main:
-        final.config.trained = True
-        if cfg.task == "finetune" and cfg.data.instruction_mode != "mixed":
-            final.config.instruction_mode = cfg.data.instruction_mode
-        final.save_pretrained(str(final_dir),
-                              include_backbones=not (final.config.encoder_source and final.config.decoder_source))
-        atomic_write_text(final_dir / TRAIN_CONFIG_NAME, cfg.to_json())
+        save_final(final, cfg, final_dir)
         log.info("saved %s", final_dir)
     accelerator.wait_for_everyone()
     return TrainResult(model=accelerator.unwrap_model(model), final_dir=final_dir, step=state["step"],
                        metrics=metrics, is_main=main)
+
+
+def save_final(model: RCCModel, cfg: TrainConfig, folder: Path) -> None:
+    """Save a trained model as ``rcc train`` saves ``final``: marked trained, the
+    fine-tuning mode recorded, backbones left out when their sources are known,
+    the training config beside it."""
+    model.config.trained = True
+    if cfg.task == "finetune" and cfg.data.instruction_mode != "mixed":
+        model.config.instruction_mode = cfg.data.instruction_mode
+    model.save_pretrained(str(folder), include_backbones=not (model.config.encoder_source and model.config.decoder_source))
+    atomic_write_text(Path(folder) / TRAIN_CONFIG_NAME, cfg.to_json())
 
 
 def _record(main: bool, output_dir: Path, writer, values: dict) -> None:

@@ -212,6 +212,18 @@ class RunOptions:
             spent the run saves a checkpoint and ``final`` and stops early
             (the schedule still assumes ``optim.max_steps``; a later run with
             ``resume=auto`` continues it).
+        stop_at: a Unix time (``time.time()``) by which the run has stopped and
+            saved (None: none), e.g. the end of a borrowed machine's call: the
+            run stops at the last step after which one more step and a save
+            still fit (both as measured in this run), and saves a checkpoint
+            and ``final``.
+        fit_schedule: with ``stop_at`` or ``max_minutes``, shrink
+            ``optim.max_steps`` once the step time is measured (steps 2-6) to
+            the steps the time left buys, so that the warm-up and cosine
+            schedule end when the time does (a resumed run keeps the saved
+            total).
+        save_minutes: also save a checkpoint when this many minutes have
+            passed since the last one (None: by ``save_every`` only).
         mixed_precision: the compute dtype of the step (autocast): ``"auto"`` =
             bf16 on a GPU that supports it, fp16 on an older GPU; on a CPU bf16
             where it has native bf16 matrix units (AMX; avx512_bf16 when a
@@ -232,6 +244,9 @@ class RunOptions:
     progress: bool = True
     tensorboard: bool = True
     max_minutes: float | None = None
+    stop_at: float | None = None
+    fit_schedule: bool = False
+    save_minutes: float | None = None
     mixed_precision: str = "auto"
     ddp_find_unused_parameters: bool = False
     compile: bool = False
@@ -307,7 +322,7 @@ class TrainConfig:
         for name in positive:
             if self._get(name) <= 0:
                 raise RCCError(f"{_key(name)} must be positive; got {self._get(name)}")
-        for name in ("window", "ratio", "max_steps", "max_minutes"):
+        for name in ("window", "ratio", "max_steps", "max_minutes", "stop_at", "save_minutes"):
             if self._get(name) is not None and self._get(name) <= 0:
                 raise RCCError(f"{_key(name)} must be positive; got {self._get(name)}")
         for name in ("grad_windows", "warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers",
@@ -343,6 +358,8 @@ class TrainConfig:
             raise RCCError("finetune needs optim.max_steps or optim.epochs")
         if o.epochs is not None and o.epochs <= 0:
             raise RCCError(f"optim.epochs must be positive; got {o.epochs}")
+        if r.fit_schedule and r.stop_at is None and r.max_minutes is None:
+            raise RCCError("run.fit_schedule fits the schedule to a time budget; give run.stop_at or run.max_minutes")
         if r.resume not in ("auto", "never") and not Path(r.resume).is_dir():
             raise RCCError(f"run.resume must be 'auto', 'never' or a checkpoint folder; {r.resume!r} is not a folder")
 

@@ -6,7 +6,7 @@
   :class:`TokenWriter`, :class:`TokenFile`, :func:`prepare_data`;
 - :mod:`rcc.data.pretrain`: compression-pretraining micro-batches (:class:`PretrainBatches`);
 - :mod:`rcc.data.finetune`: QA records to :class:`FinetuneExample` and their micro-batches
-  (:class:`FinetuneBatches`).
+  (:class:`FinetuneBatches`); :func:`save_examples` writes examples tokenized once.
 
 Every micro-batch is a dict ``{"context_ids": [b, c*W], "input_ids": [b, m],
 "labels": [b, m]}`` (+ ``"attention_mask": [b, m]`` when rows are padded), the
@@ -16,7 +16,7 @@ sees exactly the batches an uninterrupted one would.
 """
 
 from .finetune import (FinetuneBatches, FinetuneExample, answer_token, load_examples, qa_fields, qa_texts,
-                       split_examples)
+                       save_examples, split_examples)
 from .pretrain import PretrainBatches
 from .records import RECORD_SUFFIXES, TEXT_SUFFIXES, BadRecord, DataReport, iter_records
 from .tokens import (META_NAME, TOKENS_FORMAT, TokenFile, TokenWriter, load_tokenizer, prepare_data, token_dtype,
@@ -25,4 +25,4 @@ from .tokens import (META_NAME, TOKENS_FORMAT, TokenFile, TokenWriter, load_toke
 __all__ = ["META_NAME", "RECORD_SUFFIXES", "TEXT_SUFFIXES", "TOKENS_FORMAT", "BadRecord", "DataReport",
            "FinetuneBatches", "FinetuneExample", "PretrainBatches", "TokenFile", "TokenWriter", "answer_token",
            "iter_records", "load_examples", "load_tokenizer", "prepare_data", "qa_fields", "qa_texts",
-           "split_examples", "token_dtype", "write_token_folder"]
+           "save_examples", "split_examples", "token_dtype", "write_token_folder"]

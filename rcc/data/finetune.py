@@ -6,12 +6,14 @@ import bisect
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import windows_for
 from ..errors import RCCError
+from ..io import atomic_save_file
 from ..prompts import ASSISTANT, build
 from ..windows import pad_to_windows, window_of
 from .records import BadRecord, DataReport, handle_bad_record, iter_records
@@ -116,10 +118,72 @@ def qa_texts(context: str, question: str, answer: str, mode: str, answer_suffix:
     return to_compress, prompt, target
 
 
+EXAMPLES_FORMAT = "rcc-examples/1"
+EXAMPLES_SUFFIX = ".safetensors"
+
+
+def save_examples(path, examples: list[FinetuneExample]) -> Path:
+    """Write tokenized fine-tuning examples as one safetensors file (format
+    ``rcc-examples/1``) that :func:`load_examples` reads back in a second, with
+    no tokenizer: ``context`` (all contexts, concatenated; uint16 when every id
+    fits), ``input_ids`` and ``labels`` (all decoder sequences), their
+    ``*_offsets [n + 1]``, and ``answer_at [n]``. The instruction mode each
+    example was tokenized in is part of its ids.
+
+    Raises:
+        RCCError: when ``examples`` is empty.
+    """
+    if not examples:
+        raise RCCError(f"{path}: no examples to write")
+    ctx = np.concatenate([e.context for e in examples])
+    ids = np.concatenate([e.input_ids for e in examples])
+    wide = max(int(ctx.max()), int(ids.max())) >= 2**16
+    tensors = {
+        "context": ctx.astype(np.int32 if wide else np.uint16),
+        "context_offsets": np.cumsum([0] + [len(e.context) for e in examples]),
+        "input_ids": ids.astype(np.int32 if wide else np.uint16),
+        "labels": np.concatenate([e.labels for e in examples]).astype(np.int32),
+        "input_offsets": np.cumsum([0] + [len(e.input_ids) for e in examples]),
+        "answer_at": np.array([e.answer_at for e in examples]),
+    }
+    path = Path(path)
+    atomic_save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, path,
+                     {"format": EXAMPLES_FORMAT, "examples": str(len(examples))})
+    return path
+
+
+def _saved_examples(path: Path):
+    """``(where, context, input_ids, labels, answer_at)`` of each example in a :func:`save_examples` file.
+
+    Raises:
+        RCCError: when the file is not one (or is damaged).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            if (fh.metadata() or {}).get("format") != EXAMPLES_FORMAT:
+                raise RCCError(f"{path}: not a file of tokenized examples ({EXAMPLES_FORMAT}, written by "
+                               "rcc.data.save_examples)")
+            t = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RCCError(f"{path}: unreadable ({err})") from None
+    co, io = t["context_offsets"], t["input_offsets"]
+    if not (len(co) == len(io) == len(t["answer_at"]) + 1 and co[-1] == len(t["context"])
+            and io[-1] == len(t["input_ids"]) == len(t["labels"])):
+        raise RCCError(f"{path}: the offsets do not fit the tensors; the file is damaged, write it again")
+    for i in range(len(co) - 1):
+        yield (f"{path}#{i}", t["context"][co[i]:co[i + 1]], t["input_ids"][io[i]:io[i + 1]],
+               t["labels"][io[i]:io[i + 1]], int(t["answer_at"][i]))
+
+
 def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: int, max_decoder_tokens: int,
                   answer_suffix: str, on_error: str = "fail", seed: int = 0,
                   progress: bool = True) -> tuple[list[FinetuneExample], DataReport]:
     """Read and tokenize QA records for instruction fine-tuning.
+
+    A ``*.safetensors`` source is a file of examples tokenized before
+    (:func:`save_examples`), read without a tokenizer.
 
     Records whose text to compress needs more than ``max_windows`` windows or
     whose prompt + target exceed ``max_decoder_tokens`` are skipped and
@@ -164,9 +228,15 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
             keep(where, ctx, prompt + target, [-100] * len(prompt) + target, answer_token(text, answer, offsets))
         pending.clear()
 
-    bar = tqdm(unit="rec", desc="reading QA records", disable=not progress, dynamic_ncols=True)
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    for source in [s for s in sources if str(s).endswith(EXAMPLES_SUFFIX)]:
+        for where, ctx, ids, labels, answer_at in _saved_examples(Path(source)):
+            report.read += 1
+            keep(where, ctx, ids, labels, answer_at)
+    texts = [s for s in sources if not str(s).endswith(EXAMPLES_SUFFIX)]
+    bar = tqdm(unit="rec", desc="reading QA records", disable=not progress or not texts, dynamic_ncols=True)
     try:  # the bar is closed before an error is printed
-        for where, record in iter_records(sources, on_error, report):
+        for where, record in iter_records(texts, on_error, report):
             report.read += 1
             bar.update(1)
             try:

