@@ -10,6 +10,9 @@ For each length, in turn and each in a fresh process:
   memory-mapped, f16 KV cache, batches of 512) on the embedded backbone's GGUF, uncompressed: it
   pre-fills the context + prompt and decodes ``--new-tokens`` greedy tokens
   (:mod:`rcc.eval.llamacpp_child`); its context is sized to hold exactly that;
+- ``llamacpp passive``: the same with ``OMP_WAIT_POLICY=passive`` (llama.cpp's OpenMP threads
+  sleep instead of spinning while they wait for each other): on a shared CPU it keeps a preempted
+  thread from stalling the other (``rcc eval``'s baseline runs so; it changes timing, not results);
 - ``rcc float32`` and ``rcc bfloat16``: ``rcc bench --kinds rcc`` with the bundled model
   (compress the context, then answer the prompt from the slots), the command recorded beside it.
 
@@ -68,17 +71,19 @@ def loadavg() -> list[float] | None:
 
 
 def llamacpp_point(python: str, gguf: Path, length: int, ids: list[int], new_tokens: int, threads: int,
-                   repeats: int) -> dict:
+                   repeats: int, env: dict | None = None) -> dict:
     """One llama.cpp point in a fresh child: load, reset the peak, pre-fill ``ids`` (a
     ``length``-token context and the prompt) + decode, read the peak."""
     from rcc.bench import ALLOCATOR_ENV
     from rcc.errors import RCCError
     from rcc.eval.llamacpp import LlamaCppChild
 
-    point = {"kind": "llamacpp", "length": length, "tokens": length, "new_tokens": new_tokens, "threads": threads}
+    kind = "llamacpp passive" if (env or {}).get("OMP_WAIT_POLICY") == "passive" else "llamacpp"
+    point = {"kind": kind, "length": length, "tokens": length, "new_tokens": new_tokens, "threads": threads,
+             "env": {**ALLOCATOR_ENV, **(env or {})}}
     load_before = loadavg()
     try:
-        with LlamaCppChild(python, gguf, len(ids) + new_tokens, threads, env=ALLOCATOR_ENV) as child:
+        with LlamaCppChild(python, gguf, len(ids) + new_tokens, threads, env=point["env"]) as child:
             loaded = child.request("reset_peak")
             out = child.request("generate", ids=ids, max_new_tokens=new_tokens, repeats=repeats)
             peak = child.request("memory")
@@ -132,7 +137,7 @@ def table(result: dict) -> str:
         if not p.get("ok"):
             rows.append(f"| {p['length']} | {p['kind']} | failed: {p.get('error')} | | | | | |")
             continue
-        speed = p["prefill_tok_s"] if p["kind"] == "llamacpp" else p.get("compress_tok_s")
+        speed = p["prefill_tok_s"] if p["kind"].startswith("llamacpp") else p.get("compress_tok_s")
         runs = ", ".join(fmt(r, 1) for r in p.get("decode_tok_s_runs") or [])
         load = f"{fmt((p.get('loadavg_before') or [None])[0], 2)} / {fmt((p.get('loadavg_after') or [None])[0], 2)}"
         rows.append(f"| {p['length']} | {p['kind']} | {fmt(speed, 0)} | "
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="decodes timed per point (default 3)")
     ap.add_argument("--model", default="rcc-smollm2-135m", help="the RCC model (default the bundled one)")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="RCC's dtypes (default float32,bfloat16)")
-    ap.add_argument("--methods", default="llamacpp,rcc", help="what to measure (default llamacpp,rcc)")
+    ap.add_argument("--methods", default="llamacpp,llamacpp-passive,rcc",
+                    help="what to measure (default llamacpp,llamacpp-passive,rcc)")
     ap.add_argument("--llamacpp-python", help="python of .venv-llamacpp (default: found as rcc eval finds it)")
     ap.add_argument("-o", "--output", default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
@@ -162,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         lengths = parse_lengths(args.lengths)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-        if not set(methods) <= {"llamacpp", "rcc"}:
-            raise RCCError(f"--methods {args.methods}: use llamacpp and/or rcc")
+        if not set(methods) <= {"llamacpp", "llamacpp-passive", "rcc"}:
+            raise RCCError(f"--methods {args.methods}: use llamacpp, llamacpp-passive and/or rcc")
         from rcc.eval.llamacpp import LlamaCppChild, find_python, tokenizer_check
 
         python, why = find_python(args.llamacpp_python)
-        if "llamacpp" in methods and python is None:
+        if any(m.startswith("llamacpp") for m in methods) and python is None:
             raise RCCError(why)
         gguf = embedded_smollm2_file()
     except RCCError as err:
@@ -192,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for length in lengths:
         ids = context_ids(tok, length, len(tok))[0].tolist() + prompt_ids(tok, len(tok))[0].tolist()
-        todo = (["llamacpp"] if "llamacpp" in methods else []) + ([f"rcc {d}" for d in dtypes] if "rcc" in methods else [])
+        todo = [m for m in methods if m != "rcc"] + ([f"rcc {d}" for d in dtypes] if "rcc" in methods else [])
         for kind in todo:
             print(f"llamacpp bench: {length} tokens, {kind} ...", file=sys.stderr, flush=True)
-            if kind == "llamacpp":
-                point = llamacpp_point(python, gguf, length, ids, args.new_tokens, args.threads, args.repeats)
+            if kind.startswith("llamacpp"):
+                env = {"OMP_WAIT_POLICY": "passive"} if kind == "llamacpp-passive" else {}
+                point = llamacpp_point(python, gguf, length, ids, args.new_tokens, args.threads, args.repeats, env)
             else:
                 point = rcc_point(length, kind.split()[1], args)
             result["points"].append(point)

@@ -178,7 +178,7 @@ class LlamaCppMethod(FullContext):
     name = NAME
 
     def __init__(self, decoder, tokenizer, child: LlamaCppChild, details: dict | None = None):
-        super().__init__(decoder, tokenizer, limit=child.info["n_ctx"])
+        super().__init__(decoder, tokenizer)  # full's limit: the decoder's positions (llama.cpp's n_ctx holds them)
         self.child = child
         self.details = details or {}
 
@@ -199,11 +199,16 @@ class LlamaCppMethod(FullContext):
             import torch
 
             threads = torch.get_num_threads()
+        # llama.cpp's OpenMP threads spin while they wait for each other; on a busy CPU a
+        # preempted one stalls the rest (at load 16 here a 2-thread decode ran at 0.3 tokens/s
+        # spinning, 37 waiting passively).
+        # Waiting passively changes when threads run, not what they compute: the answers are the same.
+        env = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "passive"}
         try:
-            child = LlamaCppChild(python, gguf, limit, threads)
+            child = LlamaCppChild(python, gguf, limit, threads, env=env)
         except RCCError as err:
             return None, str(err)
-        details = {"python": python, "gguf": str(gguf), **{k: child.info.get(k) for k in (
+        details = {"python": python, "gguf": str(gguf), "env": env, **{k: child.info.get(k) for k in (
             "versions", "n_ctx", "n_ctx_train", "n_batch", "n_ubatch", "threads", "flash_attn", "system_info")}}
         try:
             check = tokenizer_check(child, model.tokenizer)
@@ -211,6 +216,9 @@ class LlamaCppMethod(FullContext):
             child.close()
             return None, str(err)
         details["tokenizer_check"] = check
+        if child.info["n_ctx"] < limit:
+            child.close()
+            return None, f"llama.cpp gave a context of {child.info['n_ctx']} positions, not the decoder's {limit}"
         if not check["agrees"]:
             child.close()
             d = check["first_difference"]
