@@ -220,7 +220,8 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
         progress: called with a one-line message after every prediction.
     Returns:
         ``{"task", "created", "seed", "config", "model", "versions", "methods",
-        "skipped", "notes", "summary", "best", "records"}``; ``methods`` and the
+        "skipped", "kvpress", "llamacpp", "notes", "summary", "best", "records"}``
+        (``kvpress``/``llamacpp``: those baselines' environments and checks, or None); ``methods`` and the
         keys of ``summary`` are runs, ``method/prompt`` on question tasks
         (``rcc/manual``, ``full/continuation``, ``kvpress:snapkv@16/chat``);
         ``best`` gives each method's better prompt.
