@@ -111,7 +111,7 @@ def rcc_point(length: int, dtype: str, args) -> dict:
                "--kinds", "rcc", "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), "--no-plot", "--quiet", "-o"]
         shown = shlex.join(cmd + ["OUT.json"])
-        res = subprocess.run([sys.executable, "-m", "rcc.cli", *cmd[1:], str(out)], capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-m", "rcc.cli", *cmd[1:], str(out)], capture_output=True, text=True, check=False,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                  p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
         if res.returncode != 0 or not out.is_file():
@@ -130,8 +130,8 @@ def fmt(v, nd=1) -> str:
 
 def table(result: dict) -> str:
     """The points as a markdown table."""
-    rows = ["| tokens | method | prefill / compress tok/s | TTFT s | decode tok/s (median, runs) | peak RSS MiB "
-            "| after load MiB | load avg before / after |",
+    rows = [("| tokens | method | prefill / compress tok/s | TTFT s | decode tok/s (median, runs) | peak RSS MiB "
+             "| after load MiB | load avg before / after |"),
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for p in result["points"]:
         if not p.get("ok"):

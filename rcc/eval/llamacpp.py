@@ -147,7 +147,7 @@ class LlamaCppChild:
                 self.proc.wait()
         self._stderr.close()
 
-    def __enter__(self) -> "LlamaCppChild":
+    def __enter__(self) -> LlamaCppChild:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,7 +183,7 @@ class LlamaCppMethod(FullContext):
         self.details = details or {}
 
     @classmethod
-    def start(cls, model, python: str | None = None, threads: int | None = None) -> tuple["LlamaCppMethod | None", str]:
+    def start(cls, model, python: str | None = None, threads: int | None = None) -> tuple[LlamaCppMethod | None, str]:
         """The method over ``model``'s decoder, its child started and its tokenizer
         checked: ``(method, "")`` or ``(None, why it cannot run)``."""
         python, why = find_python(python)
