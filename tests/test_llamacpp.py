@@ -17,7 +17,8 @@ from tests.conftest import tiny_rcc, tiny_tokenizer
 def _environment() -> tuple[str | None, str]:
     python, why = llamacpp.find_python()
     if python is not None:
-        res = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True, timeout=120, check=False)
+        res = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True, timeout=120,
+                             check=False)
         if res.returncode != 0:  # a venv whose build did not finish
             lines = res.stderr.strip().splitlines()
             return None, f"{python} has no working llama_cpp ({lines[-1] if lines else res.returncode})"
