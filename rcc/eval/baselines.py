@@ -16,6 +16,8 @@ model, the plain SmolLM2) on the same samples:
   RCC's slots, n/r) filled with the most recent context tokens.
 - ``kvpress:<press>@<ratio>``: a kvpress press, run in kvpress's own
   environment (:mod:`rcc.eval.kvpress`), with :class:`FullContext`'s layout.
+- ``llamacpp``: :class:`FullContext`'s token ids run by llama.cpp on the
+  backbone's GGUF file, in llama-cpp-python's own environment (:mod:`rcc.eval.llamacpp`).
 
 Every method answers a question sample with either of two prompts (the runner
 picks, :mod:`rcc.eval.runner`): the chat prompt (:meth:`answer`; the baselines'
@@ -192,18 +194,23 @@ class _DecoderMethod:
                            f"{self.limit} positions; ask for fewer new tokens")
         return room
 
+    def generate(self, ids: list[int], max_new_tokens: int, stops: set[int] = frozenset()) -> tuple[list[int], dict]:
+        """Greedy new ids after ``ids`` (the whole laid-out prompt) and what to record
+        of the run: here the decoder's backbone, adapters bypassed; the ``llamacpp``
+        baseline (:mod:`rcc.eval.llamacpp`) runs llama.cpp instead."""
+        with adapters.disabled(self.decoder):
+            return greedy(self.decoder, ids, max_new_tokens, stops), {}
+
     def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
         pre, post = _ids(self.tokenizer, HEADER), _ids(self.tokenizer, "\n\n" + question + ASSISTANT)
         ctx, info = self.select(_ids(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
-        with adapters.disabled(self.decoder):
-            ids = greedy(self.decoder, pre + ctx + post, max_new_tokens, self.stops)
-        return Prediction(_answer_text(self.tokenizer, ids), ids, info)
+        ids, extra = self.generate(pre + ctx + post, max_new_tokens, self.stops)
+        return Prediction(_answer_text(self.tokenizer, ids), ids, {**info, **extra})
 
     def continue_ids(self, context_ids: list[int], prompt_ids: list[int], max_new_tokens: int) -> Prediction:
         ctx, info = self.select(list(context_ids), self._room(len(prompt_ids), max_new_tokens))
-        with adapters.disabled(self.decoder):
-            ids = greedy(self.decoder, ctx + list(prompt_ids), max_new_tokens)
-        return Prediction(self.tokenizer.decode(ids), ids, info)
+        ids, extra = self.generate(ctx + list(prompt_ids), max_new_tokens)
+        return Prediction(self.tokenizer.decode(ids), ids, {**info, **extra})
 
 
 class FullContext(_DecoderMethod):

@@ -13,7 +13,7 @@ from ..io import parse_length, parse_lengths  # noqa: F401  (re-exported: rcc.ev
 from ..prompts import MODES
 
 TASK_NAMES = ("passkey", "needle", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
-BASELINES = ("full", "recent", "kvpress:PRESS@RATIO")
+BASELINES = ("full", "recent", "kvpress:PRESS@RATIO", "llamacpp")
 PROMPTS = ("chat", "continuation")
 
 
@@ -41,7 +41,7 @@ def parse_depths(text: str | list) -> list[float]:
 
 
 def parse_baselines(text: str | list) -> list[str]:
-    """``full``, ``recent`` and ``kvpress:PRESS@RATIO`` items (:func:`rcc.eval.kvpress.parse_spec`),
+    """``full``, ``recent``, ``llamacpp`` and ``kvpress:PRESS@RATIO`` items (:func:`rcc.eval.kvpress.parse_spec`),
     comma-separated; a kvpress item is kept as written (lower-case press names are fine).
 
     Raises:
@@ -53,8 +53,9 @@ def parse_baselines(text: str | list) -> list[str]:
     for x in items:
         if x.startswith("kvpress"):
             parse_spec(x)
-        elif x not in ("full", "recent"):
-            raise RCCError(f"unknown baseline {x!r}; use full, recent or kvpress:PRESS@RATIO (e.g. kvpress:snapkv@16)")
+        elif x not in ("full", "recent", "llamacpp"):
+            raise RCCError(f"unknown baseline {x!r}; use full, recent, llamacpp or kvpress:PRESS@RATIO "
+                           "(e.g. kvpress:snapkv@16)")
     return list(dict.fromkeys(items))
 
 
@@ -91,12 +92,16 @@ class EvalConfig:
             budget, n/r positions, keeping the most recent tokens) and
             ``kvpress:PRESS@RATIO`` (a kvpress press keeping 1/RATIO of the
             context's KV positions; no ``@``: the model's ratio), run in
-            kvpress's own environment (:mod:`rcc.eval.kvpress`).
+            kvpress's own environment (:mod:`rcc.eval.kvpress`), and ``llamacpp``
+            (``full``'s token ids run by llama.cpp on the backbone's GGUF, in
+            llama-cpp-python's own environment, :mod:`rcc.eval.llamacpp`).
         prompts: ``chat`` and/or ``continuation``: the prompts every method
             answers question samples with (RCC's chat prompts are ``modes``);
             the continuation needs samples with a cue (passkey, needle).
         kvpress_python: the interpreter of kvpress's environment (None: found,
             see :func:`rcc.eval.kvpress.find_python`).
+        llamacpp_python: the interpreter of llama-cpp-python's environment
+            (None: found, see :func:`rcc.eval.llamacpp.find_python`).
         cue: the needle task's continuation cue (None: the needle up to the answer).
         window_batch_size: windows RCC encodes per step.
         haystack, needle, question, answer: the needle task's inputs (a text
@@ -121,6 +126,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))
     kvpress_python: str | None = None
+    llamacpp_python: str | None = None
     window_batch_size: int | None = 8
     haystack: str | None = None
     needle: str | None = None
@@ -144,6 +150,10 @@ class EvalConfig:
             from .kvpress import find_python
 
             find_python(self.kvpress_python)
+        if self.llamacpp_python:
+            from .llamacpp import find_python as find_llamacpp
+
+            find_llamacpp(self.llamacpp_python)
         self.prompts = parse_list(self.prompts, PROMPTS, "prompt")
         if not self.prompts:
             raise RCCError("no prompt given; use --prompts chat,continuation")
@@ -191,7 +201,8 @@ class EvalConfig:
         return cls(task=args.task, lengths=getattr(args, "lengths", "4k"), depths=getattr(args, "depths", "0"),
                    modes=getattr(args, "modes", "reconstruct,manual"), samples=getattr(args, "samples", 1),
                    seed=args.seed, baselines=baselines, prompts=getattr(args, "prompts", ",".join(PROMPTS)),
-                   kvpress_python=args.kvpress_python, window_batch_size=args.window_batch_size, **opts)
+                   kvpress_python=args.kvpress_python, llamacpp_python=getattr(args, "llamacpp_python", None),
+                   window_batch_size=args.window_batch_size, **opts)
 
 
 def _common(p, lengths: str | None, modes: bool = True) -> None:
@@ -210,10 +221,13 @@ def _common(p, lengths: str | None, modes: bool = True) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also run the baselines full, recent, kvpress:snapkv and kvpress:expected_attention "
                         "(at the model's ratio) on the same samples")
-    p.add_argument("--baselines", help="baselines to run: full, recent, kvpress:PRESS@RATIO (e.g. "
+    p.add_argument("--baselines", help="baselines to run: full, recent, llamacpp, kvpress:PRESS@RATIO (e.g. "
                                        "full,recent,kvpress:snapkv@16,kvpress:expected_attention@32)")
     p.add_argument("--kvpress-python", help=f"python of the kvpress environment (default: ${{RCC_KVPRESS_PYTHON}}, "
                                             "else .venv-kvpress made by scripts/kvpress_env.sh)")
+    p.add_argument("--llamacpp-python", help="python of the llama-cpp-python environment of the llamacpp baseline "
+                                             "(default: ${RCC_LLAMACPP_PYTHON}, else .venv-llamacpp made by "
+                                             "scripts/llamacpp_env.sh)")
     p.add_argument("--seed", type=int, default=0, help="seed of keys, offsets and spans (default 0)")
     p.add_argument("-o", "--output", help="JSON result file (default runs/eval-TASK.json)")
     p.add_argument("--plot", help="PNG file (default: beside the JSON)")

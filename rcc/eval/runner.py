@@ -22,6 +22,7 @@ from ..prompts import MODES
 from . import baselines, needle, passkey, qa, reconstruct
 from .config import EvalConfig
 from .kvpress import KVPressBaselines, parse_spec
+from .llamacpp import LlamaCppMethod
 from .task import Example, Prediction
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,14 @@ class Run:
 
 
 def build_runs(model, cfg: EvalConfig, question_task: bool, continuation: bool,
-               extra_methods: list | None = None) -> tuple[list[Run], KVPressBaselines | None]:
+               extra_methods: list | None = None,
+               skipped: dict[str, str] | None = None) -> tuple[list[Run], KVPressBaselines | None]:
     """The runs of an evaluation: RCC in each instruction mode (its chat prompts)
     and each baseline with the chat prompt, each also with the continuation
     prompt when the samples have one (``continuation``) and ``cfg.prompts`` asks
-    for it; the kvpress baselines, which run apart, as a :class:`KVPressBaselines`."""
+    for it; the kvpress baselines, which run apart, as a :class:`KVPressBaselines`.
+    A baseline that cannot start (``llamacpp`` without its environment) is left
+    out, its one-line reason put in ``skipped``."""
     tok = model.tokenizer
     rcc = baselines.RCCMethod(model, cfg.window_batch_size)
     methods = []
@@ -78,6 +82,12 @@ def build_runs(model, cfg: EvalConfig, question_task: bool, continuation: bool,
             methods.append(baselines.FullContext(model.decoder, tok))
         elif name == "recent":
             methods.append(baselines.RecentTokens(model.decoder, tok, budget=model.config.slots_for))
+        elif name == "llamacpp":
+            method, why = LlamaCppMethod.start(model, python=cfg.llamacpp_python)
+            if method is not None:
+                methods.append(method)
+            elif skipped is not None:
+                skipped[name] = why
     extra = list(extra_methods or [])
     if not question_task:
         return [Run(m, None) for m in [rcc, *methods, *extra]], _kvpress(model, cfg)
@@ -157,6 +167,10 @@ def _notes(model, records: list[dict], skipped: dict[str, str]) -> list[str]:
         notes.append("kvpress:PRESS@R: the press pre-fills what `full` reads (cut in the middle past the decoder's "
                      "positions) and keeps ceil(n/R) KV positions of an n-token context (records: info.kv_positions, "
                      "measured in every layer); the question or cue is decoded after them, uncompressed")
+    if any(r["family"] == "llamacpp" for r in records):
+        notes.append("llamacpp: llama.cpp (llama-cpp-python) on the decoder backbone's GGUF, its weights as stored "
+                     "(the embedded SmolLM2's are Q4_1; `full` runs them dequantised), fed the token ids `full` "
+                     "reads (the same prompts and cut); greedy")
     if any(r["prompt"] == "continuation" for r in records):
         notes.append("prompts: chat = the question in the chat template (RCC: its instruction modes); continuation = "
                      "the context, a blank line and a cue to continue ('What is the pass key? The pass key is'), no "
@@ -207,7 +221,8 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
         progress: called with a one-line message after every prediction.
     Returns:
         ``{"task", "created", "seed", "config", "model", "versions", "methods",
-        "skipped", "notes", "summary", "best", "records"}``; ``methods`` and the
+        "skipped", "kvpress", "llamacpp", "notes", "summary", "best", "records"}``
+        (``kvpress``/``llamacpp``: those baselines' environments and checks, or None); ``methods`` and the
         keys of ``summary`` are runs, ``method/prompt`` on question tasks
         (``rcc/manual``, ``full/continuation``, ``kvpress:snapkv@16/chat``);
         ``best`` gives each method's better prompt.
@@ -220,7 +235,20 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
     examples = task.examples(cfg, model.tokenizer)
     question_task = examples[0].is_question if examples else True
     continuation = question_task and all(ex.continuation for ex in examples)
-    runs, kv = build_runs(model, cfg, question_task, continuation, extra_methods)
+    skipped: dict[str, str] = {}
+    runs, kv = build_runs(model, cfg, question_task, continuation, extra_methods, skipped)
+    try:
+        return _run(task, cfg, model, examples, question_task, continuation, runs, kv, skipped, output,
+                    model_spec, progress)
+    finally:
+        for method in dict.fromkeys(r.method for r in runs):
+            if isinstance(method, LlamaCppMethod):  # its child process
+                method.close()
+
+
+def _run(task, cfg: EvalConfig, model, examples: list[Example], question_task: bool, continuation: bool,
+         runs: list[Run], kv: KVPressBaselines | None, skipped: dict[str, str], output, model_spec,
+         progress) -> dict:
     max_new = cfg.max_new_tokens or getattr(task, "MAX_NEW_TOKENS", 32)
     kv_prompts = [p for p in ("chat", "continuation") if p in cfg.prompts and (p == "chat" or continuation)]
     kv_runs = [] if kv is None else [f"{n}/{p}" if question_task else n for n in kv.names for p in
@@ -237,20 +265,20 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
             if progress is not None:
                 shown = ", ".join(f"{k} {v:.3g}" for k, v in rec["scores"].items())
                 progress(f"[{len(records)}/{total}] {ex.id} {run.name}: {shown} ({rec['seconds']:.1f} s)")
-    skipped: dict[str, str] = {}
     if kv is not None:
         items, layout = kv.items(examples, kv_prompts, max_new)
-        outputs, skipped = kv.run(items, progress)
+        outputs, kv_skipped = kv.run(items, progress)
+        skipped.update(kv_skipped)
         for name, got in outputs.items():
             for key, out in got.items():
                 i, prompt, info = layout[key]
                 pred = kv.prediction(prompt, out, info)
                 run_name = name if prompt is None else f"{name}/{prompt}"
                 records.append(_record(task, examples[i], run_name, name, prompt, pred, out["seconds"]))
-        for name, why in skipped.items():
-            log.warning("%s skipped: %s", name, why)
         index = {ex.id: i for i, ex in enumerate(examples)}
         records.sort(key=lambda r: (index[r["id"]], order[r["method"]]))
+    for name, why in skipped.items():
+        log.warning("%s skipped: %s", name, why)
     summary = summarize(records, task.GROUP_BY, task.METRICS)
     result = {
         "task": cfg.task,
@@ -265,6 +293,7 @@ def run_eval(model, cfg: EvalConfig, output: str | Path | None = None, model_spe
         "max_new_tokens": max_new,
         "skipped": skipped,
         "kvpress": None if kv is None else kv.details,
+        "llamacpp": next((r.method.details for r in runs if isinstance(r.method, LlamaCppMethod)), None),
         "notes": _notes(model, records, skipped),
         "summary": summary,
         "best": best_prompts(records, summary, task.METRICS[0]),
