@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     p1, r1 = points(args.one_layer)
     p2, _ = points(args.two_layers)
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[r1["config"]["dtype"]]
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[r1["config"]["dtypes"][0]]
     extra = args.layers - 1
     out, rows = {}, []
     for kind in ("backbone", "rcc"):

@@ -14,6 +14,16 @@ then measures one request:
   no LM head) runs over the same windows RCC compresses, ``window_batch_size``
   at a time: the speed compression is measured against (``compress_s``).
 
+With several dtypes (``--dtypes float32,bfloat16``) every point is measured in each, one
+after the other (the same minute of the machine), and the summary gives each dtype's
+speed over the first's.
+
+RCC's compression time is split: ``slot_prefill_s`` is the time spent in the decoder's
+pre-fill of the n/r slots (timed with hooks on the decoder), the rest is the encoder
+and the projections. The pre-fill is work a plain forward pass never does, so
+``(forward + slot pre-fill) / forward`` is the floor of compression's cost against a
+forward pass, reported beside the measured ratio.
+
 Recorded per point: peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated``
 on GPU), memory after loading, compression time, time to first token (from
 holding the token ids to the first new token: compression + pre-fill for
@@ -49,10 +59,12 @@ from .bench_decode import Clock, decode_again, tok_s
 from .config import RCCConfig
 from .errors import RCCError
 from .io import parse_lengths, render_table, versions, write_json
+from .precision import machine as cpu_machine
 
 log = logging.getLogger(__name__)
 
 BENCH_KINDS = ("rcc", "backbone", "forward")
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
 # glibc raises its mmap threshold after large frees and then keeps freed tensors in
 # its heap, so peak RSS would follow the allocator's history (one window after
 # another grows it) rather than live memory. A fixed threshold maps every large
@@ -70,7 +82,8 @@ class BenchConfig:
         model: as ``--model`` of the CLI (checkpoint, released layout with
             ``base_model``, ``embedded:smollm2`` or a backbone for a fresh model).
         lengths: context lengths in tokens.
-        device, dtype: e.g. ``"cpu"``/``"float32"``, ``"cuda"``/``"bfloat16"``.
+        device: e.g. ``"cpu"``, ``"cuda"``.
+        dtypes: each point is measured in each of these, in turn (e.g. ``["float32", "bfloat16"]``).
         window, ratio: of a fresh model.
         window_batch_size: windows RCC encodes per step; 1 keeps one window's
             activations at a time (the memory floor).
@@ -91,7 +104,7 @@ class BenchConfig:
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768])
     base_model: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
     window: int = RCCConfig.window
     ratio: int = RCCConfig.ratio
     window_batch_size: int | None = 1
@@ -105,6 +118,10 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.lengths = sorted(set(parse_lengths(self.lengths)))
+        self.dtypes = list(dict.fromkeys([self.dtypes] if isinstance(self.dtypes, str) else self.dtypes))
+        bad_dtypes = [d for d in self.dtypes if d not in BENCH_DTYPES]
+        if bad_dtypes or not self.dtypes:
+            raise RCCError(f"unknown dtypes {bad_dtypes}; use {', '.join(BENCH_DTYPES)} (comma-separated)")
         bad = [k for k in self.kinds if k not in BENCH_KINDS]
         if bad or not self.kinds:
             raise RCCError(f"unknown kinds {bad}; use rcc, backbone and/or forward")
@@ -238,9 +255,12 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
     with torch.no_grad():
         if kind == "rcc":
             # context ids, not a memory: a one-off request, whose slots generate holds once
-            out = model.generate(ids, prompt, max_new_tokens=new_tokens, eos_token_id=None, streamer=clock,
-                                 window_batch_size=window_batch_size)
+            with DecoderTime(decoder, device) as spans:
+                out = model.generate(ids, prompt, max_new_tokens=new_tokens, eos_token_id=None, streamer=clock,
+                                     window_batch_size=window_batch_size)
             t1 = clock.start
+            point["slot_prefill_s"] = round(spans.within(t0, t1), 3)
+            point["encoder_s"] = round(t1 - t0 - point["slot_prefill_s"], 3)
             positions = model.config.slots_for(length)
             enc = model.encoder.config
             point["all_encoder_states_mib"] = round(
@@ -301,6 +321,44 @@ def measure(model, kind: str, length: int, new_tokens: int = 16, window_batch_si
         "memory_measure": what,
     })
     return point
+
+
+class DecoderTime:
+    """The wall time spent inside ``decoder``'s forward calls, from hooks on it.
+
+    ``with DecoderTime(decoder, device) as spans: ...`` then ``spans.within(t0, t1)``: the
+    seconds of the calls that began and ended between ``t0`` and ``t1`` (``time.perf_counter``),
+    e.g. RCC's pre-fill of the slots before generation starts. On CUDA each call is
+    synchronised at both ends, so the spans are the calls' own.
+    """
+
+    def __init__(self, decoder, device: str):
+        self.decoder, self.cuda = decoder, device.startswith("cuda")
+        self.spans: list[list[float]] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __enter__(self) -> "DecoderTime":
+        def pre(_module, _args):
+            self.spans.append([self._now(), float("nan")])
+
+        def post(_module, _args, _out):
+            self.spans[-1][1] = self._now()
+
+        self._hooks = [self.decoder.register_forward_pre_hook(pre), self.decoder.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def within(self, t0: float, t1: float) -> float:
+        return sum(end - start for start, end in self.spans if start >= t0 and end <= t1)
 
 
 def _loadavg() -> list[float] | None:
@@ -370,7 +428,40 @@ def fit_slope(points: list[tuple[float, float]]) -> tuple[float, float] | None:
 
 def summarize(points: list[dict]) -> dict:
     """Per kind: slope (MiB per 1k tokens) and intercept of peak memory over
-    the lengths where every kind succeeded (all its lengths if only one kind)."""
+    the lengths where every kind succeeded (all its lengths if only one kind); RCC's
+    compression time over the forward pass's, and its floor (see the module doc).
+
+    With points of several dtypes (their ``dtype`` key) the top level summarises the
+    first dtype, ``by_dtype`` each one, and ``vs_first_dtype`` each later dtype's speed
+    over the first's at every (kind, length): compress tokens/s, TTFT and decode tokens/s.
+    """
+    dtypes = list(dict.fromkeys(p["dtype"] for p in points if "dtype" in p))
+    if len(dtypes) > 1:
+        out = _summarize_one([p for p in points if p.get("dtype") == dtypes[0]])
+        out["by_dtype"] = {d: _summarize_one([p for p in points if p.get("dtype") == d]) for d in dtypes}
+        out["vs_first_dtype"] = {d: _speedups(points, dtypes[0], d) for d in dtypes[1:]}
+        return out
+    return _summarize_one(points)
+
+
+def _speedups(points: list[dict], base: str, other: str) -> list[dict]:
+    """``other``'s speed over ``base``'s at each (kind, length) both measured: >1 is faster."""
+    ok = {(p["kind"], p["length"], p["dtype"]): p for p in points if p.get("ok") and "dtype" in p}
+    rows = []
+    for (kind, length, dtype), a in ok.items():
+        b = ok.get((kind, length, other))
+        if dtype != base or b is None:
+            continue
+        row = {"kind": kind, "length": length}
+        for key, higher_is_faster in (("compress_tok_s", True), ("ttft_s", False), ("decode_tok_s", True)):
+            x, y = a.get(key), b.get(key)
+            if x and y:
+                row[key] = round(y / x if higher_is_faster else x / y, 3)
+        rows.append(row)
+    return rows
+
+
+def _summarize_one(points: list[dict]) -> dict:
     ok = [p for p in points if p.get("ok")]
     kinds = list(dict.fromkeys(p["kind"] for p in ok))
     common = sorted(set.intersection(*[{p["length"] for p in ok if p["kind"] == k} for k in kinds])) if kinds else []
@@ -384,6 +475,10 @@ def summarize(points: list[dict]) -> dict:
     both = sorted(n for k, n in times if k == "rcc" and ("forward", n) in times)
     if both:  # RCC's compression time over the plain forward pass of the same windows
         out["compress_vs_forward"] = {n: round(times["rcc", n] / max(times["forward", n], 1e-9), 3) for n in both}
+        prefill = {p["length"]: p.get("slot_prefill_s") for p in ok if p["kind"] == "rcc"}
+        out["compress_floor_vs_forward"] = {
+            n: round((times["forward", n] + prefill[n]) / max(times["forward", n], 1e-9), 3)
+            for n in both if prefill.get(n) is not None}
     r, b = out.get("rcc", {}).get("slope_mib_per_1k"), out.get("backbone", {}).get("slope_mib_per_1k")
     if r is not None and b is not None:
         out["slope_ratio"] = round(b / r, 1) if r > 0 else float("inf")
@@ -408,31 +503,36 @@ def run_bench(cfg: BenchConfig, output: str | Path | None = None, progress=None,
     if not isolate and model is None:
         raise RCCError("run_bench(isolate=False) needs the loaded model")
     points = []
-    spec = {k: v for k, v in asdict(cfg).items() if k not in ("lengths", "kinds", "timeout_s", "backbone_max_length")}
+    spec = {k: v for k, v in asdict(cfg).items()
+            if k not in ("lengths", "kinds", "dtypes", "timeout_s", "backbone_max_length")}
+    if not isolate and len(cfg.dtypes) > 1:
+        raise RCCError("run_bench(isolate=False) measures the loaded model's dtype only; give one dtype")
     for length in cfg.lengths:
         for kind in cfg.kinds:
-            if kind == "backbone" and cfg.backbone_max_length and length > cfg.backbone_max_length:
-                point = {"kind": kind, "length": length, "ok": False,
-                         "error": f"skipped: above --backbone-max-length {cfg.backbone_max_length}"}
-            elif isolate:
-                point = _run_child({**spec, "kind": kind, "length": length}, cfg.timeout_s)
-            else:
-                point = measure(model, kind, length, cfg.new_tokens, cfg.window_batch_size, cfg.seed,
-                                repeats=cfg.repeats)
-            points.append(point)
-            if progress is not None:
-                progress(_point_line(point))
+            for dtype in cfg.dtypes:  # innermost: each dtype sees the same minute of the machine
+                if kind == "backbone" and cfg.backbone_max_length and length > cfg.backbone_max_length:
+                    point = {"kind": kind, "length": length, "ok": False,
+                             "error": f"skipped: above --backbone-max-length {cfg.backbone_max_length}"}
+                elif isolate:
+                    point = _run_child({**spec, "kind": kind, "length": length, "dtype": dtype}, cfg.timeout_s)
+                else:
+                    point = measure(model, kind, length, cfg.new_tokens, cfg.window_batch_size, cfg.seed,
+                                    repeats=cfg.repeats)
+                point["dtype"] = dtype
+                points.append(point)
+                if progress is not None:
+                    progress(_point_line(point))
     first = next((p for p in points if p.get("ok")), {})
     result = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(cfg),
-        "model": {"spec": cfg.model, "window": cfg.window, "ratio": cfg.ratio, "dtype": cfg.dtype,
+        "model": {"spec": cfg.model, "window": cfg.window, "ratio": cfg.ratio, "dtypes": cfg.dtypes,
                   "base_model": cfg.base_model},
         "device": cfg.device,
         "memory_measure": first.get("memory_measure", "peak RSS" if cfg.device == "cpu" else "cuda max_memory_allocated"),
         "allocator_env": ALLOCATOR_ENV if isolate else {},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count()},
+        "machine": {"platform": platform.platform(), **cpu_machine(),
+                    "threads": cfg.threads or (first.get("threads") if first else None)},
         "versions": versions(),
         "seed": cfg.seed,
         "points": points,
@@ -444,12 +544,13 @@ def run_bench(cfg: BenchConfig, output: str | Path | None = None, progress=None,
 
 
 def _point_line(p: dict) -> str:
+    head = f"{p['kind']:8s} {p['length']:>8d} tokens {p.get('dtype', '')}:"
     if not p.get("ok"):
-        return f"{p['kind']:8s} {p['length']:>8d} tokens: {p.get('error')}"
+        return f"{head} {p.get('error')}"
     if p["kind"] == "forward":
-        return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, forward pass "
-                f"{p['compress_s']} s ({p['compress_tok_s']} tok/s)")
-    return (f"{p['kind']:8s} {p['length']:>8d} tokens: peak {p['peak_mib']:.0f} MiB, ttft {p['ttft_s']} s, "
+        return f"{head} peak {p['peak_mib']:.0f} MiB, forward pass {p['compress_s']} s ({p['compress_tok_s']} tok/s)"
+    split = f" (slot pre-fill {p['slot_prefill_s']} s)" if p.get("slot_prefill_s") is not None else ""
+    return (f"{head} peak {p['peak_mib']:.0f} MiB, ttft {p['ttft_s']} s{split}, "
             f"{_decode_cell(p)} tok/s, load {p.get('loadavg_before')} -> {p.get('loadavg_after')}")
 
 
@@ -464,24 +565,44 @@ def _decode_cell(p: dict) -> str:
 
 def format_table(result: dict) -> str:
     """The points as a table, then each kind's memory slope."""
-    header = ["tokens", "model", "peak MiB", "after load MiB", "growth MiB", "KV positions", "compress s",
-              "TTFT s", "decode tok/s"]
+    header = ["tokens", "model", "dtype", "peak MiB", "after load MiB", "growth MiB", "KV positions", "compress s",
+              "slot pre-fill s", "TTFT s", "decode tok/s"]
     rows = []
     for p in result["points"]:
         name = {"rcc": "RCC", "backbone": "backbone", "forward": "forward pass"}[p["kind"]]
+        dtype = p.get("dtype", "")
         if not p.get("ok"):
-            rows.append([p["length"], name, p.get("error", "failed")] + [""] * 6)
+            rows.append([p["length"], name, dtype, p.get("error", "failed")] + [""] * 7)
             continue
-        rows.append([p["length"], name, p["peak_mib"], p["loaded_mib"], p["growth_mib"], p["kv_positions"],
-                     "-" if p["compress_s"] is None else p["compress_s"], "-" if p["ttft_s"] is None else p["ttft_s"],
-                     _decode_cell(p)])
-    text = render_table(header, rows)
+
+        def cell(key):
+            return "-" if p.get(key) is None else p[key]
+
+        rows.append([p["length"], name, dtype, p["peak_mib"], p["loaded_mib"], p["growth_mib"], p["kv_positions"],
+                     cell("compress_s"), cell("slot_prefill_s"), cell("ttft_s"), _decode_cell(p)])
+    m = result.get("machine", {})
+    text = ""
+    if m.get("cpu"):
+        flags = ", ".join(m.get("bf16_flags") or []) or "none"
+        text = (f"{result.get('device')}: {m['cpu']} ({m.get('cores')} cores, {m.get('threads') or 'default'} torch "
+                f"threads; bf16 flags: {flags})\n")
+    text += render_table(header, rows)
     s = result["summary"]
     for kind, name in (("rcc", "RCC"), ("backbone", "backbone")):
         if s.get(kind, {}).get("slope_mib_per_1k") is not None:
             text += f"\nmemory slope {name}: {s[kind]['slope_mib_per_1k']:.3f} MiB per 1k tokens"
     for n, ratio in s.get("compress_vs_forward", {}).items():
         text += f"\ncompression at {n} tokens: {ratio}x the time of the backbone's plain forward pass over its windows"
+        floor = s.get("compress_floor_vs_forward", {}).get(n)
+        if floor is not None:
+            text += f" (floor {floor}x: the forward pass plus the decoder's pre-fill of the slots)"
+    for dtype, rows_ in s.get("vs_first_dtype", {}).items():
+        base = result["config"]["dtypes"][0]
+        for r in rows_:
+            parts = [f"{label} {r[key]}x" for key, label in (("compress_tok_s", "compress"), ("ttft_s", "TTFT"),
+                                                              ("decode_tok_s", "decode")) if key in r]
+            if parts:
+                text += f"\n{dtype} over {base}, {r['kind']} at {r['length']} tokens: {', '.join(parts)}"
     if "slope_ratio" in s:
         text += f"\nbackbone slope / RCC slope: {s['slope_ratio']}x (over {', '.join(map(str, s['common_lengths']))} tokens)"
     return text
@@ -495,6 +616,8 @@ def add_arguments(p) -> None:
     add_model_arguments(p, window_batch_size=1, batch_help="windows encoded per step (default 1: the memory floor)")
     p.add_argument("--lengths", default="2k,4k,8k,16k,32k", help="context lengths (default 2k,4k,8k,16k,32k)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    p.add_argument("--dtypes", help="measure every point in each of these dtypes, one after the other, and "
+                   "compare them (e.g. float32,bfloat16; default: --dtype alone)")
     p.add_argument("--kinds", default="rcc,backbone", help="what to measure: rcc, backbone, forward (the backbone's plain forward "
                    "pass over RCC's windows, to time compression against; default rcc,backbone)")
     p.add_argument("--backbone-max-length", help="skip the uncompressed backbone above this length, e.g. 32k")
@@ -521,7 +644,11 @@ def command(args, device: str, dtype: str) -> int:
         resolve_bundled(args.model)
         if args.model.startswith(RANDOM):
             parse_random(args.model)
-    cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtype=dtype,
+    from .loading import resolve_dtype
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else [dtype]
+    dtypes = [str(resolve_dtype(d, device)).removeprefix("torch.") if d == "auto" else d for d in dtypes]
+    cfg = BenchConfig(model=args.model, base_model=args.base_model, lengths=args.lengths, device=device, dtypes=dtypes,
                       window=args.window, ratio=args.ratio, window_batch_size=args.window_batch_size,
                       new_tokens=args.new_tokens, kinds=args.kinds.split(","),
                       backbone_max_length=args.backbone_max_length, seed=args.seed, timeout_s=args.timeout,

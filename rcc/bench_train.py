@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RCCError
+from .precision import machine
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def _random_tokens(cfg, vocab: int, folder: Path) -> str:
 # ----------------------------------------------------------------- run
 def run(config: str, overrides: list[str], compare: list[str], legacy_overrides: list[str], steps: int = 3,
         warmup: int = 1, device: str | None = None, peak_tflops: float | str | None = None, random_data: bool = False,
-        progress=None) -> dict:
+        progress=None, dtypes: list[str] | None = None) -> dict:
     """Measure the training step of ``config`` (see the module docstring).
 
     Args:
@@ -390,6 +391,9 @@ def run(config: str, overrides: list[str], compare: list[str], legacy_overrides:
         steps / warmup: measured / discarded optimiser steps per variant.
         device: ``"cpu"`` or ``"cuda"`` (None: cuda when available).
         random_data: random token ids instead of the config's ``train_data``.
+        dtypes: instead of one variant, one per compute dtype (``float32``: ``run.mixed_precision=no``,
+            ``bfloat16``: ``bf16``, ``float16``: ``fp16``), alternating; ``ratio`` is then the second's
+            samples/s over the first's.
     Returns:
         the JSON-ready result: ``variants`` (one summary each, see :meth:`_Runner.summary`),
         ``ratio`` (samples/s of the config's step over the legacy one) and the machine.
@@ -409,7 +413,14 @@ def run(config: str, overrides: list[str], compare: list[str], legacy_overrides:
     unknown = [c for c in compare if c != "legacy"]
     if unknown:
         raise RCCError(f"--compare knows 'legacy' only; got {', '.join(unknown)}")
+    if dtypes and compare:
+        raise RCCError("--dtypes and --compare legacy are separate comparisons; give one")
+    unknown = [d for d in dtypes or [] if d not in _PRECISION_OF]
+    if unknown:
+        raise RCCError(f"--dtypes: unknown {', '.join(unknown)}; use {', '.join(_PRECISION_OF)}")
     variants = [Variant("new", list(overrides))]
+    if dtypes:
+        variants = [Variant(d, [*overrides, f"run.mixed_precision={_PRECISION_OF[d]}"]) for d in dict.fromkeys(dtypes)]
     if "legacy" in compare:
         variants.insert(0, Variant("legacy", [*overrides, *legacy_overrides], legacy=True))
     runners = []
@@ -436,12 +447,16 @@ def run(config: str, overrides: list[str], compare: list[str], legacy_overrides:
     result = {
         "config": str(config), "overrides": overrides, "legacy_overrides": legacy_overrides if compare else [],
         "random_data": random_data, "device": _device_name(dev), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "platform": platform.platform(), "peak_tflops": peak / 1e12 if peak else None,
+        "torch": torch.__version__, "platform": platform.platform(), "machine": machine(),
+        "peak_tflops": peak / 1e12 if peak else None,
         "peak_from": peak_from, "warmup": warmup, "variants": summaries,
     }
     if len(summaries) == 2:
         result["ratio"] = summaries[1]["samples_per_s"] / summaries[0]["samples_per_s"]
     return result
+
+
+_PRECISION_OF = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def _vocab(cfg) -> int:
@@ -478,10 +493,13 @@ def format_table(result: dict) -> str:
         rows.append(f"| {v['name']} | {v['mixed_precision']} | {v['frozen_dtype']} | {v['seconds_per_step']:.2f} | "
                     f"{v['samples_per_s']:.2f} | {v['tokens_per_s']:.0f} | {ph} | {v['tflops_per_s']:.2f} | {mfu} | "
                     f"{peak} |")
-    lines = [f"{result['device']}, {result['threads']} threads; peak {result['peak_tflops'] or 0:.1f} TFLOP/s "
-             f"({result['peak_from']})", *rows]
+    m = result.get("machine") or {}
+    flags = ", ".join(m.get("bf16_flags") or []) or "none"
+    lines = [f"{result['device']}, {result['threads']} threads (bf16 flags: {flags}); peak "
+             f"{result['peak_tflops'] or 0:.1f} TFLOP/s ({result['peak_from']})", *rows]
     if "ratio" in result:
-        lines.append(f"\nnew / legacy samples/s: {result['ratio']:.2f}x")
+        a, b = result["variants"][0]["name"], result["variants"][1]["name"]
+        lines.append(f"\n{b} / {a} samples/s: {result['ratio']:.2f}x")
     return "\n".join(lines)
 
 
@@ -496,6 +514,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="also run the step as rcc train ran it before its speed work, alternating")
     p.add_argument("--legacy", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the legacy variant only (e.g. mixed_precision=no)")
+    p.add_argument("--dtypes", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], metavar="A,B",
+                   help="one variant per compute dtype, alternating: e.g. float32,bfloat16 (run.mixed_precision "
+                        "no / bf16); the ratio is the second's samples/s over the first's")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--peak-tflops", type=_peak_arg, metavar="TFLOPS|measure",
                    help="the device's peak TFLOP/s for MFU, or 'measure' (a matmul on the device); default: the "
@@ -534,7 +555,8 @@ def cmd(args) -> int:
 
     say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr, flush=True))
     result = run(args.config, args.overrides, args.compare, args.legacy, steps=args.steps, warmup=args.warmup,
-                 device=args.device, peak_tflops=args.peak_tflops, random_data=args.random_data, progress=say)
+                 device=args.device, peak_tflops=args.peak_tflops, random_data=args.random_data, progress=say,
+                 dtypes=args.dtypes)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))

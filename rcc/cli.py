@@ -331,7 +331,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``rcc`` parser; with ``only`` (a command's name), only that command's options are
+    added (the others are listed, with no options): adding a command's options imports its
+    module, and a run needs just its own (``rcc info`` then imports neither FastAPI nor vLLM's glue)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="rcc", description="Recurrent Context Compression for LLMs")
@@ -339,8 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, cmd in COMMANDS.items():
-        cmd.add_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if only is None or name == only:
+            cmd.add_args(p)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` runs (its first word that is no option), if it is one of :data:`COMMANDS`."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,14 +365,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
-    # `rcc bench train CONFIG` is bench-train (rcc/bench_train.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval parses its own options (argparse's REMAINDER stops at the first "--x")
+        parser = build_parser("lm-eval")
         args = parser.parse_args(argv[:1])
         args.args = argv[1:]
     else:
-        args = parser.parse_args(_lazy("rcc.bench_train:route")(argv))
+        # `rcc bench train CONFIG` is bench-train (rcc/bench_train.py)
+        argv = _lazy("rcc.bench_train:route")(argv)
+        parser = build_parser(_command_of(argv))
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -231,14 +231,24 @@ def auto_precision(cuda: bool) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
 
 
+def machine(info: CPUInfo | None = None) -> dict:
+    """The CPU a measurement ran on, for benchmark JSON and tables: its model, architecture,
+    logical cores, the bf16 flags :func:`choose_cpu_dtype` reads, torch's intra-op threads
+    and torch's version (no micro-benchmark is run)."""
+    import torch
+
+    info = info or cpu_info()
+    return {"cpu": info.model, "machine": info.machine, "cores": info.cores, "torch_threads": torch.get_num_threads(),
+            "bf16_flags": sorted(info.flags & {"amx_bf16", "amx_tile", "avx512_bf16", "bf16"}),
+            "torch": torch.__version__}
+
+
 def describe(device: str = "cpu") -> dict:
     """What ``rcc info --system`` prints: the CPU, torch's threads and the ``auto`` dtype with its reason."""
     import torch
 
     info = cpu_info()
-    out = {"cpu": info.model, "machine": info.machine, "cores": info.cores, "torch_threads": torch.get_num_threads(),
-           "bf16_flags": sorted(info.flags & {"amx_bf16", "amx_tile", "avx512_bf16", "bf16"}),
-           "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    out = {**machine(info), "cuda": torch.cuda.is_available()}
     choice = choose_cpu_dtype(info)
     out["cpu_auto_dtype"] = choice.dtype
     out["cpu_auto_reason"] = choice.reason

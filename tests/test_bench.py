@@ -88,6 +88,39 @@ def test_a_failing_point_is_recorded_not_fatal(tmp_path, capsys):
     assert not out.with_suffix(".png").exists()
 
 
+def test_compression_is_split_into_the_slot_prefill_and_the_rest(model):
+    """The decoder's pre-fill of the slots is timed by hooks on the decoder: part of the
+    compression time, never more; the floor reported beside the measured ratio adds it to
+    the forward pass's time."""
+    r = measure(model, "rcc", 640, new_tokens=3, window_batch_size=1)
+    assert 0 < r["slot_prefill_s"] <= r["compress_s"]
+    assert r["encoder_s"] == pytest.approx(r["compress_s"] - r["slot_prefill_s"], abs=2e-3)
+    f = measure(model, "forward", 640, window_batch_size=1)
+    s = summarize([r, f])
+    assert s["compress_floor_vs_forward"][640] == pytest.approx((f["compress_s"] + r["slot_prefill_s"]) / f["compress_s"],
+                                                                rel=1e-2)
+    assert s["compress_vs_forward"][640] == pytest.approx(r["compress_s"] / f["compress_s"], rel=1e-2)
+
+
+def test_two_dtypes_are_summarised_each_and_against_the_first():
+    def pt(kind, dtype, compress, ttft, decode, peak):
+        return {"kind": kind, "length": 2048, "dtype": dtype, "ok": True, "peak_mib": peak, "compress_s": compress,
+                "compress_tok_s": 2048 / compress if compress else None, "ttft_s": ttft, "decode_tok_s": decode,
+                "slot_prefill_s": 0.5 if kind == "rcc" else None}
+
+    points = [pt("rcc", "float32", 4.0, 4.5, 10.0, 900.0), pt("rcc", "bfloat16", 2.0, 2.5, 8.0, 500.0),
+              pt("forward", "float32", 3.0, None, None, 800.0), pt("forward", "bfloat16", 1.0, None, None, 450.0)]
+    s = summarize(points)
+    assert s["compress_vs_forward"] == {2048: pytest.approx(4 / 3, abs=1e-3)}  # the top level is the first dtype's
+    assert s["by_dtype"]["bfloat16"]["compress_vs_forward"] == {2048: 2.0}
+    assert s["by_dtype"]["bfloat16"]["compress_floor_vs_forward"] == {2048: 1.5}
+    rcc = next(r for r in s["vs_first_dtype"]["bfloat16"] if r["kind"] == "rcc")
+    assert rcc == {"kind": "rcc", "length": 2048, "compress_tok_s": 2.0, "ttft_s": 1.8, "decode_tok_s": 0.8}
+    with pytest.raises(RCCError, match="dtypes"):
+        BenchConfig(model="m", dtypes=["float64"])
+    assert BenchConfig(model="m", dtypes=["float32", "bfloat16", "float32"]).dtypes == ["float32", "bfloat16"]
+
+
 def test_generate_from_context_ids_moves_its_slots_and_matches_a_memory(model):
     """The one-off path (no copy of the slots) decodes exactly what a reusable memory does."""
     import torch
@@ -164,3 +197,20 @@ def test_random_pythia_has_pythia_1_4b_parameter_count():
     for bad in ("random:pythia-9b", "random:pythia-1.4b:layers=0", "random:pythia-1.4b:depth=2"):
         with pytest.raises(RCCError, match="random:pythia-1.4b"):
             parse_random(bad)
+
+
+@pytest.mark.slow  # a child process per point
+def test_bench_cli_two_dtypes_side_by_side(model, tmp_path, capsys):
+    ckpt = tmp_path / "model"
+    model.save_pretrained(str(ckpt))
+    out = tmp_path / "bench.json"
+    assert cli("bench", "--model", ckpt, "--device", "cpu", "--lengths", "256", "--new-tokens", "3", "--kinds",
+               "rcc,forward", "--dtypes", "float32,bfloat16", "-o", out, "--quiet", "--no-plot") == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert [(p["kind"], p["dtype"]) for p in res["points"]] == [
+        ("rcc", "float32"), ("rcc", "bfloat16"), ("forward", "float32"), ("forward", "bfloat16")]
+    assert all(p["ok"] for p in res["points"]), res["points"]
+    assert res["machine"]["cpu"] and isinstance(res["machine"]["bf16_flags"], list) and res["machine"]["cores"]
+    assert set(res["summary"]["by_dtype"]) == {"float32", "bfloat16"}
+    assert "bfloat16 over float32, rcc at 256 tokens: compress" in text and "slot pre-fill s" in text

@@ -75,6 +75,22 @@ def test_the_cli_compares_the_legacy_step_and_writes_json_and_a_table(folder, tm
     assert "new / legacy samples/s" in capsys.readouterr().out
 
 
+def test_two_dtypes_side_by_side_with_the_machine(folder, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(folder, tmp_path / "run", train_data="nowhere")))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", str(tmp_path / "c.yaml"), "--random-data", "--dtypes", "float32,bfloat16",
+                 "--steps", "1", "--warmup", "0", "--peak-tflops", "1", "-q", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    f32, bf16 = result["variants"]
+    assert (f32["name"], f32["mixed_precision"], f32["frozen_dtype"]) == ("float32", "no", "float32")
+    assert (bf16["name"], bf16["mixed_precision"], bf16["frozen_dtype"]) == ("bfloat16", "bf16", "bfloat16")
+    assert result["ratio"] == pytest.approx(bf16["samples_per_s"] / f32["samples_per_s"])
+    assert result["machine"]["cpu"] and isinstance(result["machine"]["bf16_flags"], list)
+    assert "bfloat16 / float32 samples/s" in capsys.readouterr().out
+    assert main(["bench", "train", str(tmp_path / "c.yaml"), "--random-data", "--dtypes", "float64"]) == 2
+    assert "--dtypes: unknown float64" in capsys.readouterr().err
+
+
 def test_bad_bench_input_is_one_line(folder, tmp_path, capsys):
     (tmp_path / "f.yaml").write_text(yaml.safe_dump(config(folder, tmp_path / "run", task="finetune")))
     assert main(["bench", "train", str(tmp_path / "f.yaml"), "--random-data"]) == 2
