@@ -479,7 +479,7 @@ def _device_name(dev: torch.device) -> str:
 
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"cpu: {platform.processor() or platform.machine()}"
+    return f"cpu: {machine()['cpu']}"
 
 
 def format_table(result: dict) -> str:
