@@ -315,7 +315,7 @@ COMMANDS: dict[str, Command] = {
                      "memory and speed of RCC against the uncompressed backbone "
                      "(`rcc bench train CONFIG`: training speed)",
                      ("rcc.bench:run_bench", "rcc.bench:BenchConfig", "rcc.eval.plot:bench_memory"),
-                     {"timeout": "timeout_s", "plot": "path"}),
+                     {"timeout": "timeout_s", "plot": "path", "dtype": "dtypes"}),
     "bench-train": Command(_lazy("rcc.bench_train:cmd"), _lazy("rcc.bench_train:add_args"),
                            "training speed of a config: tokens/s, step split, memory, MFU (also `rcc bench train`)",
                            ("rcc.bench_train:run", "rcc.io:write_json"), {"legacy": "legacy_overrides", "output": "path"}),

@@ -17,6 +17,13 @@ Each record has PwC fields (``input``, ``prompt``, ``answer``; see
 - ``multikey``: 2 to 5 labelled pass keys ("The pass key of the red door is
   12345.") in prose or filler; the question asks for one of them;
 - ``multineedle``: 2 to 5 ``fact``/``needle`` facts in prose; the question asks for one;
+- ``copy``: copy exactly a value the context holds, whatever its shape: a number of 1 to 12
+  digits, a UUID, a hex string, a word, a phrase, a full name or a date, under a label
+  ("The access code of the east wing is 7f3a9c."), alone or among 1 to 4 distractor labels
+  with values of the same shape, sometimes with two values for the asked label; hidden in
+  one of five haystacks built here: prose, repeated filler sentences, a numbered list, code
+  or a table (:data:`HAYSTACKS`). Its filler sentences are this module's own, not the ones
+  ``rcc eval`` uses;
 - ``reconstruct``: pre-tokenized (``context_ids``, ``input_ids``, ``labels``):
   compress a stretch of text, then continue a cue taken from it (the stage-1
   objective, as ``rcc eval reconstruct`` asks it);
@@ -36,6 +43,7 @@ import json
 import math
 import random
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +52,7 @@ from . import haystack
 from .haystack import build_haystack, split_sentences
 from .io import atomic_write_text
 
-RECORD_KINDS = ("passkey", "needle", "extract", "fact", "multikey", "multineedle", "reconstruct", "continue")
+RECORD_KINDS = ("passkey", "needle", "extract", "fact", "multikey", "multineedle", "copy", "reconstruct", "continue")
 CUE_TOKENS = 16
 TARGET_TOKENS = 64
 
@@ -125,6 +133,87 @@ def _fact(rng: random.Random, sentences: list[str]) -> tuple[str, str, str]:
     value = _free_value(rng, sentences, form)
     sentence, question = FACT_FORMS[form]
     return sentence.format(subject=subject, value=value), question.format(subject=subject), value.rstrip(".")
+
+
+VALUE_SHAPES = ("number", "uuid", "hex", "word", "phrase", "name", "date")
+HAYSTACKS = ("prose", "filler", "list", "code", "table")
+COPY_LABELS = ("access code", "serial number", "contact", "password", "reference", "token", "motto", "tag",
+               "deadline", "owner")
+COPY_SUBJECTS = KEY_LABELS + ("west archive", "night shift", "blue van", "third floor", "spare key", "boiler room")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
+# filler sentences of this module's own (``rcc eval`` uses rcc.haystack's): repeated, they make a
+# haystack with nothing to find but the needle
+COPY_FILLER = ("The clouds drift over the hills and the wind keeps turning the old mill.",
+               "Nothing much happens in the valley, and the days pass one after another.",
+               "The road bends past the orchard, where the trees stand in quiet rows.")
+
+
+def shaped_value(rng: random.Random, shape: str, sentences: list[str]) -> str:
+    """A random value of ``shape`` (one of :data:`VALUE_SHAPES`); words and phrases come from ``sentences``."""
+    if shape == "number":
+        digits = rng.randint(1, 12)
+        return str(rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1))
+    if shape == "uuid":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    if shape == "hex":
+        return "".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(6, 32)))
+    if shape == "name":
+        return f"{rng.choice(NAMES)} {rng.choice(SURNAMES)}"
+    if shape == "date":
+        day, month, year = rng.randint(1, 28), rng.randrange(12), rng.randint(1900, 2099)
+        return f"{day} {MONTHS[month]} {year}" if rng.random() < 0.5 else f"{year}-{month + 1:02d}-{day:02d}"
+    words = [w.strip(".,;:()\"'!?") for w in rng.choice(sentences).split()]
+    words = [w for w in words if w.isalpha()] or ["harbour", "lantern", "meadow"]
+    if shape == "word":
+        return rng.choice(words)
+    at = rng.randrange(len(words))
+    return " ".join((words * 2)[at: at + rng.randint(2, 6)])
+
+
+def _haystack_pieces(rng: random.Random, kind: str, prose: list[str], length: int) -> list[str]:
+    """Pieces (sentences, or lines that start with a newline) of a ``kind`` haystack
+    (:data:`HAYSTACKS`): more than ``length`` tokens hold (prose is cycled by the haystack builder)."""
+    count = length // 8 + 16
+    if kind == "prose":
+        return list(prose)
+    if kind == "filler":
+        return [COPY_FILLER[i % len(COPY_FILLER)] for i in range(count)]
+    return ["\n" + line for line in _lines(rng, kind, prose, count)]
+
+
+def _lines(rng: random.Random, kind: str, prose: list[str], count: int) -> list[str]:
+    if kind == "list":
+        return [f"{i + 1}. {rng.choice(COLOURS)} {rng.choice(THINGS)}, {rng.randint(1, 99)} in stock, "
+                f"shelf {rng.choice('ABCDEFGH')}{rng.randint(1, 40)}." for i in range(count)]
+    if kind == "code":
+        return [rng.choice((f"def {rng.choice(THINGS)}_{i}(x):\n    return x * {rng.randint(2, 99)}",
+                            f"{rng.choice(THINGS)}_{i} = [{rng.randint(0, 9)}, {rng.randint(10, 99)}]",
+                            f"# {rng.choice(prose) if prose else 'a note'}"))
+                for i in range(count)]
+    return [f"| {rng.choice(NAMES)} | {rng.choice(CITIES)} | {rng.randint(1, 999)} | {rng.choice(DAYS)} |"
+            for _ in range(count)]
+
+
+def _copy(rng: random.Random, sentences: list[str], prose: list[str], length: int) -> tuple[str, str, str, list[str]]:
+    """A ``copy`` record's (needle, question, answer, haystack pieces with its distractors)."""
+    shape, label = rng.choice(VALUE_SHAPES), rng.choice(COPY_LABELS)
+    subjects = rng.sample(COPY_SUBJECTS, rng.randint(1, 5))
+    values = [shaped_value(rng, shape, sentences) for _ in subjects]
+    asked = 0
+    if rng.random() < 0.15:  # two values for the asked label
+        values[asked] = f"{values[asked]} and {shaped_value(rng, shape, sentences)}"
+    form = rng.randrange(3)
+
+    def sentence(subject: str, value: str) -> str:
+        return (f"The {label} of the {subject} is {value}.", f"{subject.capitalize()} {label}: {value}.",
+                f"Note that the {label} for the {subject} is {value}.")[form]
+
+    needle = sentence(subjects[asked], values[asked])
+    question = f"What is the {label} of the {subjects[asked]}?"
+    pieces = _haystack_pieces(rng, rng.choice(HAYSTACKS), prose, length)
+    pieces = _with_distractors(rng, pieces, [sentence(s, v) for s, v in zip(subjects[1:], values[1:])], length)
+    return needle, question, values[asked], pieces
 
 
 def _number_lines(rng: random.Random, tokens: int) -> str:
@@ -251,6 +340,8 @@ def make_records(sentences: list[str], tokenizer, *, count: int, weights: dict[s
             prose = list(haystack.PASSKEY_FILLER) if rng.random() < 0.5 else list(prose)
             prose = _with_distractors(rng, prose, [f"The pass key of the {lab} is {key}."
                                                    for i, (lab, key) in enumerate(zip(labels, keys)) if i != asked], length)
+        elif kind == "copy":
+            needle, question, answer, prose = _copy(rng, sentences, list(prose), length)
         elif kind == "multineedle":
             facts = [_fact(rng, sentences) if rng.random() < 0.6 else _needle(rng) for _ in range(rng.randint(2, 5))]
             needle, question, answer = facts[0]

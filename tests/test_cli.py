@@ -228,7 +228,7 @@ def test_cli_table_is_the_python_api():
         p.add_argument("--frobnicate")
 
     assert _unmapped(Command(ask.run, more, ask.help, ask.api, ask.aliases)) == ["frobnicate"]
-    assert "eval" in COMMANDS and set(_options(COMMANDS["eval"].add_args)) == {"passkey", "needle", "reconstruct", "qa"}
+    assert "eval" in COMMANDS and set(_options(COMMANDS["eval"].add_args)) == {"passkey", "needle", "niah", "reconstruct", "qa"}
 
 
 def test_generation_options_become_generate_arguments():

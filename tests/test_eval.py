@@ -255,6 +255,9 @@ class Oracle:
 
     def answer(self, context, question, max_new_tokens):
         m = re.search(r"The pass key is (\d+)", context)
+        asked = re.search(r"special magic \w+ for (\w+) mentioned", question)
+        if asked:
+            m = re.search(rf"for {asked.group(1)} is: (.+?)\.(?: |$)", context)
         text = m.group(1) if m else self.qa.get(question, "teal")
         return Prediction(text, [])
 
@@ -276,6 +279,7 @@ def test_an_oracle_scores_perfectly_on_every_task(model, tmp_path):
         "passkey": dict(lengths=[200, 600], depths=[0, 1]),
         "needle": dict(haystack=str(DOC), needle="The secret colour is teal.", question="Colour?", answer="teal",
                        lengths=[300], depths=[0.5]),
+        "niah": dict(lengths=[300], depths=[0.5], shapes=["number7", "uuid", "name", "date"], keys=3),
         "reconstruct": dict(text=str(DOC), lengths=[128, 256], samples=2, cue_tokens=8, target_tokens=16),
         "qa": dict(data=str(jsonl)),
     }
@@ -286,6 +290,44 @@ def test_an_oracle_scores_perfectly_on_every_task(model, tmp_path):
             assert overall["bleu4"] == pytest.approx(100.0) and overall["exact_prefix"] == 16
         else:
             assert overall[TASKS[task].METRICS[0]] == 1.0, (task, overall)
+
+
+def test_wilson_interval_and_exact_copy_on_known_values():
+    assert metrics.wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert metrics.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert metrics.wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    assert metrics.copy_match("It is 4430567.", "4430567") == 1.0
+    assert metrics.copy_match("443056", "4430567") == 0.0 and metrics.copy_match("44305678", "4430567") == 0.0
+    assert metrics.copy_match("1234567 or 4430567", "4430567") == 0.0  # the first number counts
+    assert metrics.copy_match("The uuid is 3f2a-9c.", "3f2a-9c") == 1.0
+    assert metrics.copy_match("x3f2a-9c", "3f2a-9c") == 0.0 and metrics.copy_match("Ada Novakova", "Ada Novak") == 0.0
+    rows = [{"method": "m", "length": 1, "scores": {"accuracy": float(i < 7)}} for i in range(10)]
+    from rcc.eval.runner import summarize
+
+    overall = summarize(rows, ("length",), ("accuracy",))["m"]["overall"]
+    assert overall["accuracy"] == 0.7 and overall["accuracy_ci95"] == pytest.approx([0.3968, 0.8922], abs=1e-4)
+
+
+def test_niah_samples_hold_the_asked_value_once_among_distinct_distractors(tok):
+    from rcc.eval import niah
+
+    cfg = EvalConfig(task="niah", lengths=[400, 900], depths=[0, 0.5, 1], samples=2, keys=4,
+                     shapes=["number7", "uuid", "hex", "phrase"])
+    exs = niah.examples(cfg, tok)
+    assert len(exs) == 4 * 2 * 3 * 2 and [e.id for e in exs] == [e.id for e in niah.examples(cfg, tok)]
+    for e in exs:
+        value, shape = e.meta["value"], e.meta["shape"]
+        assert e.context.count(f"is: {value}.") == 1 and e.answers == [value]
+        assert e.meta["distractors_in_context"] == 3 and e.context.count("One of the special magic") == 4
+        assert e.meta["tokens"] <= e.meta["length"] and abs(e.meta["depth_measured"] - e.meta["depth"]) < 0.1
+        if shape == "number7":
+            assert len(value) == 7 and value.isdigit()
+        assert e.meta["cell"] == f"{shape}@{e.meta['length']}"
+        assert "The grass is green." in e.context and e.continuation.endswith("mentioned in the provided text is")
+    with pytest.raises(RCCError, match="value shape"):
+        EvalConfig(task="niah", shapes=["float"])
+    with pytest.raises(RCCError, match="keys"):
+        EvalConfig(task="niah", keys=0)
 
 
 # ------------------------------------------------------------ the CLI, end to end
@@ -396,3 +438,21 @@ def test_passkey_on_the_embedded_smollm2_with_baselines(tmp_path):
     assert res["summary"]["full/continuation"]["overall"]["accuracy"] >= 2 / 3
     recent = [r for r in res["records"] if r["family"] == "recent"]
     assert all(r["info"]["kept_tokens"] == 32 for r in recent)  # 600 tokens -> two windows of 512 -> 32 slots
+
+
+def test_eval_niah_cli_writes_cells_with_intervals(ckpt, tmp_path, capsys):
+    out = tmp_path / "niah.json"
+    assert cli("eval", "niah", "--model", ckpt, "--lengths", "300", "--depths", "0,1", "--shapes", "number7,uuid",
+               "--keys", "2", "--modes", "manual", "--prompts", "chat", "-o", out, "--quiet", "--no-plot") == 0
+    table = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["config"]["shapes"] == ["number7", "uuid"] and res["config"]["keys"] == 2
+    assert res["group_by"] == ["cell", "depth"] and len(res["records"]) == 4
+    by_cell = {g["cell"]: g for g in res["summary"]["rcc/manual"]["by_cell"]}
+    assert set(by_cell) == {"number7@300", "uuid@300"}
+    for g in by_cell.values():
+        lo, hi = g["accuracy_ci95"]
+        assert g["n"] == 2 and 0.0 <= lo <= g["accuracy"] <= hi <= 1.0
+    assert "accuracy@cell=uuid@300" in table
+    assert cli("eval", "niah", "--model", ckpt, "--shapes", "float", "-o", out) == 2
+    assert "unknown value shape 'float'" in capsys.readouterr().err

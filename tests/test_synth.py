@@ -144,3 +144,36 @@ def test_missing_or_empty_prose_is_refused(tmp_path):
     with pytest.raises(RCCError, match="no sentences"):
         read_prose([str(tmp_path / "empty.txt")])
     assert parse_weights("passkey") == {"passkey": 1.0}
+
+
+def test_copy_records_vary_the_value_shape_and_the_haystack_and_hold_their_answer(prose):
+    """`copy`: every value shape and haystack kind appears; the answer is in the context verbatim,
+    once per value (distractors have other values); lengths are as asked."""
+    import re
+
+    from rcc.synth import HAYSTACKS, VALUE_SHAPES, shaped_value
+
+    tok = tiny_tokenizer()
+    sentences = read_prose([str(prose)])
+    records = list(make_records(sentences, tok, count=120, weights={"copy": 1}, min_tokens=150, max_tokens=500, seed=1))
+    assert {r["task"] for r in records} == {"copy"}
+    for r in records:
+        for value in r["answer"].split(" and "):
+            assert value in r["input"], (value, r["prompt"])
+        assert r["prompt"].startswith("What is the ") and r["prompt"].endswith("?")
+        assert r["tokens"] == len(tok(r["input"], add_special_tokens=False).input_ids)
+    texts = " ".join(r["input"] for r in records)
+    assert "\n| " in texts and "\ndef " in texts and re.search(r"\n\d+\. ", texts)  # table, code, list haystacks
+    assert "The clouds drift over the hills" in texts  # the filler haystack, this module's own sentences
+    assert sum(" and " in r["answer"] for r in records) > 0  # two values for one label, at times
+    assert max(r["input"].count(" is ") for r in records) > 2  # distractor labels
+    import random
+
+    rng = random.Random(0)
+    shapes = {s: [shaped_value(rng, s, sentences) for _ in range(200)] for s in VALUE_SHAPES}
+    assert {len(v) for v in shapes["number"]} == set(range(1, 13)) and all(v.isdigit() for v in shapes["number"])
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", v)
+               for v in shapes["uuid"])
+    assert all(re.fullmatch(r"[0-9a-f]{6,32}", v) for v in shapes["hex"])
+    assert all(re.fullmatch(r"\d{1,2} [A-Z][a-z]+ \d{4}|\d{4}-\d{2}-\d{2}", v) for v in shapes["date"])
+    assert all(1 <= len(v.split()) <= 6 for v in shapes["phrase"]) and len(HAYSTACKS) == 5

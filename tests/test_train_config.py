@@ -14,6 +14,7 @@ import pytest
 from rcc import RCCError
 from rcc.config import RCCConfig
 from rcc.data import write_token_folder
+from tests.conftest import REPO
 from rcc.train import train
 from rcc.train_model import build_model
 from rcc.train_config import SECTION_OF, TrainConfig, dotted
@@ -207,3 +208,10 @@ def test_the_bundled_models_flat_train_config_still_loads(caplog):
     assert len(deprecations(caplog)) == 1
     assert cfg.data.instruction_mode == saved["instruction_mode"] and cfg.model.ratio == saved["ratio"]
     assert dotted(saved)["data.instruction_mode"] == saved["instruction_mode"]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    """A recipe with a misspelt option or a contradiction fails here, not hours into a run."""
+    cfg = TrainConfig.load(recipe)
+    assert cfg.task in ("pretrain", "finetune") and cfg.run.output_dir

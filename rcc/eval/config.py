@@ -12,7 +12,7 @@ from ..errors import RCCError
 from ..io import parse_length, parse_lengths  # noqa: F401  (re-exported: rcc.eval's API)
 from ..prompts import MODES
 
-TASK_NAMES = ("passkey", "needle", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
+TASK_NAMES = ("passkey", "needle", "niah", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
 BASELINES = ("full", "recent", "kvpress:PRESS@RATIO", "llamacpp")
 PROMPTS = ("chat", "continuation")
 
@@ -110,6 +110,8 @@ class EvalConfig:
         cue_tokens, target_tokens: the reconstruct task's prompt and reference span.
         data: a JSONL file with ``input``, ``prompt``, ``answer`` (qa).
         limit: use only the first ``limit`` samples of ``data``.
+        shapes: the niah task's value shapes (:data:`rcc.eval.niah.SHAPES`, e.g. ``number7``, ``uuid``).
+        keys: labelled needles in each niah sample: the asked one and ``keys - 1`` distractors.
 
     Raises:
         RCCError: on an unknown task, mode or baseline, bad lengths or depths,
@@ -138,6 +140,8 @@ class EvalConfig:
     target_tokens: int = 64
     data: str | None = None
     limit: int | None = None
+    shapes: list[str] = field(default_factory=lambda: ["number7"])
+    keys: int = 1
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
@@ -155,6 +159,13 @@ class EvalConfig:
 
             find_llamacpp(self.llamacpp_python)
         self.prompts = parse_list(self.prompts, PROMPTS, "prompt")
+        from .niah import KEY_WORDS, SHAPES
+
+        self.shapes = parse_list(self.shapes, SHAPES, "value shape")
+        if not self.shapes:
+            raise RCCError(f"no value shape given; use --shapes with some of {', '.join(SHAPES)}")
+        if not 1 <= self.keys <= len(KEY_WORDS):
+            raise RCCError(f"keys must be from 1 to {len(KEY_WORDS)}, got {self.keys}")
         if not self.prompts:
             raise RCCError("no prompt given; use --prompts chat,continuation")
         if not self.modes and self.task != "reconstruct":
@@ -170,7 +181,7 @@ class EvalConfig:
         missing = [f"--{n}" for n in need.get(self.task, ()) if not getattr(self, n)]
         if missing:
             raise RCCError(f"the {self.task} task needs {', '.join(missing)}")
-        for name in need.get(self.task, ()):
+        for name in (*need.get(self.task, ()), *(("haystack",) if self.task == "niah" and self.haystack else ())):
             if name in ("haystack", "text", "data") and not Path(getattr(self, name)).is_file():
                 raise RCCError(f"--{name} {getattr(self, name)}: no such file")
 
@@ -193,7 +204,8 @@ class EvalConfig:
         from .kvpress import DEFAULT_PRESSES
 
         task_defaults = {"max_new_tokens": None, "haystack": None, "needle": None, "question": None, "answer": None,
-                         "cue": None, "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None}
+                         "cue": None, "text": None, "cue_tokens": 16, "target_tokens": 64, "data": None, "limit": None,
+                         "shapes": "number7", "keys": 1}
         opts = {k: getattr(args, k, v) for k, v in task_defaults.items()}
         baselines = args.baselines or ""
         if args.baseline:
@@ -251,6 +263,15 @@ def add_arguments(p) -> None:
     t.add_argument("--answer", required=True, help="the expected answer")
     t.add_argument("--cue", help="the continuation prompt's cue after the question (default: the needle up to "
                                  "the answer, e.g. 'The secret number is')")
+    t = sub.add_parser("niah", help="values of any shape (7-digit numbers, UUIDs, names ...) among distractor keys, "
+                                    "the long-context suite's needle task")
+    _common(t, "4k")
+    t.add_argument(depths[0], default=depths[1], help=f"needle depths in [0, 1] (default {depths[1]})")
+    t.add_argument("--shapes", default="number7", help="value shapes, comma-separated: number7, number, uuid, hex, "
+                                                       "word, phrase, name, date (default number7)")
+    t.add_argument("--keys", type=int, default=1, help="labelled needles per sample: the asked one and KEYS-1 "
+                                                       "distractors (default 1)")
+    t.add_argument("--haystack", help="UTF-8 text whose sentences make the haystack (default: repeated filler)")
     t = sub.add_parser("reconstruct", help="reproduce compressed held-out text: BLEU-4 and exact prefix")
     _common(t, "1k,4k", modes=False)
     t.add_argument("--text", required=True, help="UTF-8 held-out text file")

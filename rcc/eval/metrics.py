@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import re
 import string
 from collections.abc import Sequence
@@ -124,3 +125,32 @@ def passkey_match(prediction: str, key: str) -> float:
     numbers, or the key with an extra digit, gets 0.
     """
     return float(first_number(prediction) == str(key))
+
+
+def copy_match(prediction: str, value: str) -> float:
+    """1.0 when the answer holds ``value`` exactly as written (case and punctuation inside it
+    kept), not as part of a longer word or number: "4430567" matches "It is 4430567." but not
+    "44305678" or "443056"; for a number, the first number of the answer must be it (as
+    :func:`passkey_match`), so listing several numbers scores 0."""
+    if value.isdigit():
+        return passkey_match(prediction, value)
+    at = prediction.find(value)
+    while at >= 0:
+        before = prediction[at - 1] if at > 0 else " "
+        after = prediction[at + len(value)] if at + len(value) < len(prediction) else " "
+        if not (before.isalnum() or after.isalnum()):
+            return 1.0
+        at = prediction.find(value, at + 1)
+    return 0.0
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a rate of ``successes`` in ``n`` (95% by default): unlike the
+    normal approximation it stays inside [0, 1] and is honest at 0/n and n/n (Wilson 1927)."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one sample")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -19,7 +19,8 @@ from ..adapters import has_lora
 from ..errors import RCCError
 from ..io import render_table, versions, write_json
 from ..prompts import MODES
-from . import baselines, needle, passkey, qa, reconstruct
+from . import baselines, needle, niah, passkey, qa, reconstruct
+from .metrics import wilson_interval
 from .config import EvalConfig
 from .kvpress import KVPressBaselines, parse_spec
 from .llamacpp import LlamaCppMethod
@@ -27,7 +28,7 @@ from .task import Example, Prediction
 
 log = logging.getLogger(__name__)
 
-TASKS = {m.NAME: m for m in (passkey, needle, reconstruct, qa)}
+TASKS = {m.NAME: m for m in (passkey, needle, niah, reconstruct, qa)}
 
 
 def model_identity(model, spec: str | None = None) -> dict:
@@ -124,10 +125,16 @@ def predict(run: Run, example: Example, max_new_tokens: int) -> Prediction:
 
 def summarize(records: list[dict], group_by: tuple[str, ...], metrics: tuple[str, ...]) -> dict:
     """Mean scores per method: ``overall``, per full group (``groups``) and, with
-    two group keys, per first key (``by_<key>``)."""
+    two group keys, per first key (``by_<key>``); beside each mean of 0/1 scores, its
+    95% Wilson interval (``<metric>_ci95``: ``[low, high]``)."""
 
     def means(rows: list[dict]) -> dict:
-        return {"n": len(rows), **{m: fmean(r["scores"][m] for r in rows) for m in metrics}}
+        out = {"n": len(rows), **{m: fmean(r["scores"][m] for r in rows) for m in metrics}}
+        for m in metrics:  # a rate of right and wrong answers gets its 95% Wilson interval
+            scores = [r["scores"][m] for r in rows]
+            if all(x in (0.0, 1.0) for x in scores):
+                out[f"{m}_ci95"] = [round(x, 4) for x in wilson_interval(int(sum(scores)), len(scores))]
+        return out
 
     def grouped(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
         order: dict[tuple, list[dict]] = {}
@@ -318,9 +325,15 @@ def format_table(result: dict) -> str:
                 if g[first] not in values:
                     values.append(g[first])
 
+    def cell(group: dict, metric: str):
+        """The mean, with its 95% interval where the scores are right or wrong: ``0.7 [0.4-0.89]``."""
+        ci = group.get(f"{metric}_ci95")
+        return f"{group[metric]:.3g} [{ci[0]:.2g}-{ci[1]:.2g}]" if ci else group[metric]
+
     def row(name: str, entry: dict) -> list:
-        per = {g[first]: g[head] for g in entry.get(f"by_{first}", entry.get("groups", []))} if first else {}
-        return ([per.get(v, "-") for v in values] + [entry["overall"][m] for m in metrics] + [entry["overall"]["n"]])
+        per = {g[first]: cell(g, head) for g in entry.get(f"by_{first}", entry.get("groups", []))} if first else {}
+        return ([per.get(v, "-") for v in values] + [cell(entry["overall"], m) for m in metrics]
+                + [entry["overall"]["n"]])
 
     cols = [f"{head}@{first}={v}" for v in values] + [f"{m} (all)" for m in metrics] + ["n"]
     text = ""
