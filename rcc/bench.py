@@ -575,11 +575,9 @@ def format_table(result: dict) -> str:
             rows.append([p["length"], name, dtype, p.get("error", "failed")] + [""] * 7)
             continue
 
-        def cell(key):
-            return "-" if p.get(key) is None else p[key]
-
+        timed = ["-" if p.get(key) is None else p[key] for key in ("compress_s", "slot_prefill_s", "ttft_s")]
         rows.append([p["length"], name, dtype, p["peak_mib"], p["loaded_mib"], p["growth_mib"], p["kv_positions"],
-                     cell("compress_s"), cell("slot_prefill_s"), cell("ttft_s"), _decode_cell(p)])
+                     *timed, _decode_cell(p)])
     m = result.get("machine", {})
     text = ""
     if m.get("cpu"):

@@ -49,9 +49,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RCCError
 from .precision import machine
+
+if TYPE_CHECKING:  # annotations only: torch is imported where the step is built
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import adapters, hooks, loss as fused_loss, positions, slots
-from .config import RCCConfig, windows_for
+from .config import RCCConfig
 from .errors import RCCError
 from .memory import CompressedContext, kv_of, token_hash
 

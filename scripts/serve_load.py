@@ -17,7 +17,6 @@ import concurrent.futures as cf
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
                 break
             except OSError:
                 if server.poll() is not None:
-                    raise SystemExit("the server exited")
+                    raise SystemExit("the server exited") from None
                 time.sleep(0.5)
         result["server_start_s"] = time.perf_counter() - t0
         t = time.perf_counter()

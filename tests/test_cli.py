@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests.conftest import REPO, tiny_rcc, tiny_tokenizer
 

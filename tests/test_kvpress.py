@@ -9,7 +9,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from rcc.eval import EvalConfig, baselines, kvpress, passkey, run_eval
 from rcc.eval.kvpress_child import compression_ratio, run_presses

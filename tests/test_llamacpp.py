@@ -145,7 +145,10 @@ def test_llamacpps_tokenizer_of_the_gguf_agrees_with_ours(child):
     assert llamacpp.tokenizer_check(child, tok, filler)["agrees"]
     # the check can fail: a tokenizer that differs in one id is caught at that id
     ids = tok("The pass key is 12345.", add_special_tokens=False)["input_ids"]
-    other = lambda text, add_special_tokens: {"input_ids": ids[:3] + [ids[3] + 1] + ids[4:]}
+
+    def other(text, add_special_tokens):
+        return {"input_ids": ids[:3] + [ids[3] + 1] + ids[4:]}
+
     off = llamacpp.tokenizer_check(child, other, "The pass key is 12345.")
     assert not off["agrees"] and off["first_difference"]["index"] == 3
 

@@ -98,7 +98,7 @@ def test_hooks_are_removed_even_on_exception():
     with pytest.raises(ZeroDivisionError):
         with inject(layers, [torch.zeros(1, 2, 64)] * len(layers)):
             assert all(len(layer._forward_hooks) == 1 for layer in layers)
-            1 / 0
+            raise ZeroDivisionError
     assert all(len(layer._forward_hooks) == 0 for layer in layers)
     model.generate(ids(70), ids(3), max_new_tokens=3)
     assert all(len(layer._forward_hooks) == 0 for layer in layers)

@@ -3,7 +3,6 @@ back by the fine-tuning loader; bad arguments are one-line errors."""
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -85,7 +84,7 @@ def test_the_mixed_recipe_kinds(prose):
             assert len(ctx) == r["tokens"] <= 300 and len(ids) == len(labels)
             counted = [t for t, lab in zip(ids, labels) if lab != -100]
             assert counted == [lab for lab in labels if lab != -100] and len(counted) == 64
-            text, cue = tok.decode(ctx), tok.decode(ids[:16])
+            text = tok.decode(ctx)
             if r["task"] == "reconstruct":  # cue and target are a stretch of the compressed text
                 assert labels[:16] == [-100] * 16 and tok.decode(ids) in text
             else:  # the target follows the context, it is not in it

@@ -7,7 +7,6 @@ the server keeps serving. Runs in .venv-vllm (bash scripts/vllm_env.sh); skipped
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 
 import pytest
 import torch

@@ -235,7 +235,7 @@ def _common(p, lengths: str | None, modes: bool = True) -> None:
                         "(at the model's ratio) on the same samples")
     p.add_argument("--baselines", help="baselines to run: full, recent, llamacpp, kvpress:PRESS@RATIO (e.g. "
                                        "full,recent,kvpress:snapkv@16,kvpress:expected_attention@32)")
-    p.add_argument("--kvpress-python", help=f"python of the kvpress environment (default: ${{RCC_KVPRESS_PYTHON}}, "
+    p.add_argument("--kvpress-python", help="python of the kvpress environment (default: ${RCC_KVPRESS_PYTHON}, "
                                             "else .venv-kvpress made by scripts/kvpress_env.sh)")
     p.add_argument("--llamacpp-python", help="python of the llama-cpp-python environment of the llamacpp baseline "
                                              "(default: ${RCC_LLAMACPP_PYTHON}, else .venv-llamacpp made by "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import RCCError
 from ..haystack import Haystack, build_haystack, split_sentences  # noqa: F401  (re-exported)
 from ..io import read_text
 from . import metrics
