@@ -145,6 +145,10 @@ def ask(model, context: str | CompressedContext, question: str, mode: str | None
                          stopping_criteria=criteria, **generate_kwargs)
     out_ids = out[0].tolist()
     question_back, answer = split_answer(tok.decode(out_ids, skip_special_tokens=False), mode, eos)
+    for stop in generate_kwargs.get("stop_strings") or ():  # as the server and OpenAI: the stop string is not shown
+        at = answer.find(stop)
+        if at >= 0:
+            answer = answer[:at].rstrip()
     return Answer(answer=answer, reconstructed_question=question_back, token_ids=out_ids, mode=mode,
                   num_slots=memory.num_slots, compressed_tokens=0 if ids is None else int(ids.shape[1]),
                   compress_seconds=secs)

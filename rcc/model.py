@@ -467,9 +467,15 @@ class RCCModel(nn.Module):
         Returns:
             new token ids ``[batch, new_tokens]`` (finished rows padded with the pad id).
         Raises:
-            RCCError: on an empty prompt, a memory from another model, or positions
-            beyond an absolute-position decoder.
+            RCCError: on an empty prompt, a memory from another model, positions
+            beyond an absolute-position decoder, or sampling values out of
+            :func:`rcc.generation.check_sampling`'s ranges (the CLI's and the server's rules).
         """
+        from .generation import check_max_new_tokens, check_sampling
+
+        check_max_new_tokens(max_new_tokens, name=str)
+        check_sampling(*(generate_kwargs.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")),
+                       name=str)
         made_here = not isinstance(context, CompressedContext)
         memory = self.compress(context, window_batch_size) if made_here else context
         if not made_here:  # a memory compressed just now is this model's by construction

@@ -56,3 +56,38 @@ def test_stop_strings_use_the_tokenizer(model):
     cut = model.generate(mem, prompt, max_new_tokens=40, eos_token_id=None, stop_strings=[stop])
     assert cut.shape[1] <= j + 1 and stop in tok.decode(cut[0])
     assert torch.equal(cut[0], full[0, : cut.shape[1]])
+
+
+def test_the_python_api_checks_sampling_as_the_cli_and_the_server_do(model):
+    """model.generate and rcc.ask refuse what the CLI and the server refuse (issue 24, case 6),
+    with the Python argument's name; a valid temperature still samples."""
+    from rcc import RCCError
+    from rcc.ask import ask
+
+    mem = model.compress(model.tokenizer("The lamp was lit in 1874.", return_tensors="pt").input_ids)
+    prompt = torch.tensor([[5, 6, 7]])
+    for bad, match in ((dict(temperature=1e-300, do_sample=True), "temperature"),
+                       (dict(temperature=float("inf"), do_sample=True), "temperature"),
+                       (dict(top_p=0.0, do_sample=True), "top_p"), (dict(top_k=2.5, do_sample=True), "top_k"),
+                       (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+                       (dict(max_new_tokens=True), "max_new_tokens")):
+        with pytest.raises(RCCError, match=match):
+            model.generate(mem, prompt, **bad)
+        with pytest.raises(RCCError, match=match):
+            ask(model, mem, "When?", **bad)
+    assert model.generate(mem, prompt, max_new_tokens=3, do_sample=True, temperature=0.7).shape[1] <= 3
+
+
+def test_ask_leaves_the_stop_string_out_of_the_answer(model):
+    """As the server and the OpenAI API: generation stops at a stop string, which the answer does not show."""
+    from rcc.ask import ask
+
+    mem = model.compress(model.tokenizer("The lamp was lit in 1874.", return_tensors="pt").input_ids)
+    full = ask(model, mem, "When?", max_new_tokens=24, eos_token_id=None)
+    words = [w for w in full.answer.split() if w.isascii() and w.isalnum()]
+    if len(words) < 2:
+        pytest.skip("the random model's answer has no second clean word to stop at")
+    stop = words[1]
+    cut = ask(model, mem, "When?", max_new_tokens=24, eos_token_id=None, stop_strings=[stop])
+    assert stop not in cut.answer and full.answer.startswith(cut.answer)
+    assert stop in model.tokenizer.decode(cut.token_ids)  # generation did reach it
