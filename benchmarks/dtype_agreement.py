@@ -29,7 +29,8 @@ def agreement(a: list[int], b: list[int]) -> tuple[int, int]:
 
 
 def compare(first: dict, second: dict) -> dict:
-    """Per length: samples, accuracy in each, identical answers, share of identical tokens."""
+    """Per method and length (``"rcc/manual 2048"``), then per method over all lengths (``"rcc/manual all"``):
+    samples, accuracy in each, identical answers, share of identical tokens."""
     def records(result):
         return {(r["id"], r["method"]): r for r in result["records"]}
 
@@ -40,11 +41,11 @@ def compare(first: dict, second: dict) -> dict:
     missing = [k for k in both if "token_ids" not in a[k] or "token_ids" not in b[k]]
     if missing:
         raise SystemExit(f"{len(missing)} records have no token_ids (run the evals with this version of rcc)")
-    cells: dict[int, dict] = defaultdict(lambda: {"samples": 0, "correct_a": 0, "correct_b": 0, "identical": 0,
+    cells: dict[tuple[str, int], dict] = defaultdict(lambda: {"samples": 0, "correct_a": 0, "correct_b": 0, "identical": 0,
                                                  "same_tokens": 0, "tokens": 0})
     for k in both:
         ra, rb = a[k], b[k]
-        c = cells[ra["length"]]
+        c = cells[ra["method"], ra["length"]]
         c["samples"] += 1
         c["correct_a"] += ra["scores"]["accuracy"] == 1.0
         c["correct_b"] += rb["scores"]["accuracy"] == 1.0
@@ -52,9 +53,10 @@ def compare(first: dict, second: dict) -> dict:
         same, n = agreement(ra["token_ids"], rb["token_ids"])
         c["same_tokens"] += same
         c["tokens"] += n
-    total = {key: sum(c[key] for c in cells.values()) for key in next(iter(cells.values()))}
-    rows = {str(length): c for length, c in sorted(cells.items())}
-    rows["all"] = total
+    rows = {f"{method} {length}": c for (method, length), c in sorted(cells.items())}
+    for method in sorted({m for m, _ in cells}):
+        mine = [c for (m, _), c in cells.items() if m == method]
+        rows[f"{method} all"] = {key: sum(c[key] for c in mine) for key in mine[0]}
     for c in rows.values():
         c["share_identical_tokens"] = round(c["same_tokens"] / c["tokens"], 4) if c["tokens"] else None
     return rows
@@ -69,7 +71,7 @@ def main() -> int:
     first, second = (json.loads(Path(x).read_text()) for x in (args.first, args.second))
     names = [r.get("config", {}).get("dtype") or Path(x).stem for r, x in ((first, args.first), (second, args.second))]
     rows = compare(first, second)
-    print(f"| tokens | samples | {names[0]} correct | {names[1]} correct | identical answers | identical tokens |")
+    print(f"| method, tokens | samples | {names[0]} correct | {names[1]} correct | identical answers | identical tokens |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for length, c in rows.items():
         print(f"| {length} | {c['samples']} | {c['correct_a']} | {c['correct_b']} | {c['identical']} | "
