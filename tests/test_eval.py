@@ -402,7 +402,7 @@ def test_eval_needle_reconstruct_qa_cli(ckpt, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert len(res["records"]) == 4 and set(res["summary"]) == {"rcc/reconstruct", "rcc/manual"}  # no cue: chat only
     assert res["records"][2]["answers"] == ["31 m", "thirty-one metres"]
-    assert set(res["summary"]["rcc/manual"]["overall"]) == {"n", "exact_match", "f1", "rouge_l"}
+    assert set(res["summary"]["rcc/manual"]["overall"]) == {"n", "exact_match", "exact_match_ci95", "f1", "rouge_l"}
     assert not out.with_suffix(".png").exists()  # QA has no picture
     assert "[4/4]" in capsys.readouterr().err  # progress lines
 

@@ -11,10 +11,14 @@ from pathlib import Path
 from ..errors import RCCError
 from ..io import parse_length, parse_lengths  # noqa: F401  (re-exported: rcc.eval's API)
 from ..prompts import MODES
+from ..synth import VALUE_SHAPES
 
 TASK_NAMES = ("passkey", "needle", "niah", "reconstruct", "qa")  # the modules are rcc.eval.runner.TASKS
 BASELINES = ("full", "recent", "kvpress:PRESS@RATIO", "llamacpp")
 PROMPTS = ("chat", "continuation")
+#: the niah task's value shapes (:mod:`rcc.eval.niah`): ``number7`` is the suite's 7-digit number
+NIAH_SHAPES = ("number7", *VALUE_SHAPES)
+NIAH_MAX_KEYS = 24  # labelled needles in one sample at most (the task's key words)
 
 
 def parse_depths(text: str | list) -> list[float]:
@@ -159,13 +163,11 @@ class EvalConfig:
 
             find_llamacpp(self.llamacpp_python)
         self.prompts = parse_list(self.prompts, PROMPTS, "prompt")
-        from .niah import KEY_WORDS, SHAPES
-
-        self.shapes = parse_list(self.shapes, SHAPES, "value shape")
+        self.shapes = parse_list(self.shapes, NIAH_SHAPES, "value shape")
         if not self.shapes:
-            raise RCCError(f"no value shape given; use --shapes with some of {', '.join(SHAPES)}")
-        if not 1 <= self.keys <= len(KEY_WORDS):
-            raise RCCError(f"keys must be from 1 to {len(KEY_WORDS)}, got {self.keys}")
+            raise RCCError(f"no value shape given; use --shapes with some of {', '.join(NIAH_SHAPES)}")
+        if not 1 <= self.keys <= NIAH_MAX_KEYS:
+            raise RCCError(f"keys must be from 1 to {NIAH_MAX_KEYS}, got {self.keys}")
         if not self.prompts:
             raise RCCError("no prompt given; use --prompts chat,continuation")
         if not self.modes and self.task != "reconstruct":

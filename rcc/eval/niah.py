@@ -17,17 +17,16 @@ from __future__ import annotations
 
 from ..haystack import build_haystack, split_sentences
 from ..io import read_text
-from ..synth import VALUE_SHAPES, shaped_value
+from ..synth import shaped_value
 from . import metrics
-from .config import EvalConfig
+from .config import NIAH_MAX_KEYS, NIAH_SHAPES, EvalConfig
 from .task import Example, Prediction
 
 NAME = "niah"
 GROUP_BY = ("cell", "depth")
 METRICS = ("accuracy",)
 MAX_NEW_TOKENS = 32
-#: ``number7`` is the suite's own value: a 7-digit number
-SHAPES = ("number7", *VALUE_SHAPES)
+SHAPES = NIAH_SHAPES
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 KEY_WORDS = ("abundant", "brittle", "cautious", "delirious", "elastic", "fragrant", "gleaming", "hollow", "itchy",
              "jubilant", "knotty", "luminous", "mellow", "nimble", "obsolete", "placid", "quaint", "rustic",
@@ -35,6 +34,7 @@ KEY_WORDS = ("abundant", "brittle", "cautious", "delirious", "elastic", "fragran
 # sentences of a neutral text for the word and phrase shapes (never the haystack's)
 _WORD_SOURCE = ["Maps of the northern coast show small harbours, steep cliffs and a lighthouse on every cape.",
                 "Farmers in the valley grow barley, apples and hops, and sell them at the autumn market."]
+assert len(KEY_WORDS) == NIAH_MAX_KEYS
 _NOUNS = {"number7": "number", "number": "number", "uuid": "uuid", "hex": "code", "word": "word",
           "phrase": "phrase", "name": "name", "date": "date"}
 

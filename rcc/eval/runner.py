@@ -29,6 +29,8 @@ from .task import Example, Prediction
 log = logging.getLogger(__name__)
 
 TASKS = {m.NAME: m for m in (passkey, needle, niah, reconstruct, qa)}
+#: the metrics that score each sample right (1) or wrong (0): their means are rates, with intervals
+RATES = ("accuracy", "exact_match")
 
 
 def model_identity(model, spec: str | None = None) -> dict:
@@ -132,7 +134,7 @@ def summarize(records: list[dict], group_by: tuple[str, ...], metrics: tuple[str
         out = {"n": len(rows), **{m: fmean(r["scores"][m] for r in rows) for m in metrics}}
         for m in metrics:  # a rate of right and wrong answers gets its 95% Wilson interval
             scores = [r["scores"][m] for r in rows]
-            if all(x in (0.0, 1.0) for x in scores):
+            if m in RATES and all(x in (0.0, 1.0) for x in scores):
                 out[f"{m}_ci95"] = [round(x, 4) for x in wilson_interval(int(sum(scores)), len(scores))]
         return out
 
