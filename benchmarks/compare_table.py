@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from rcc.eval.runner import best_prompts, summarize
-from rcc.io import atomic_write_text
+from rcc.files import atomic_write_text
 
 
 def load(paths: list[str]) -> dict[str, dict]:

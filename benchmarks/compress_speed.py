@@ -20,7 +20,7 @@ import time
 import torch
 
 from rcc import RCCModel, adapters, hooks
-from rcc.bench import context_ids
+from rcc.bench.memory import context_ids
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rcc.bench import context_ids, prompt_ids
-    from rcc.bench_decode import Clock, tok_s
+    from rcc.bench.memory import context_ids, prompt_ids
+    from rcc.bench.decode import Clock, tok_s
     from rcc.loading import load_model
 
     model = load_model(args.model, dtype=torch.float32, device="cpu")

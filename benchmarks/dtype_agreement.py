@@ -78,7 +78,7 @@ def main() -> int:
               f"{100 * c['share_identical_tokens']:.1f}% |")
     if args.output:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from rcc.io import write_json
+        from rcc.files import write_json
 
         write_json(args.output, {"task": first.get("task"), "first": {"file": args.first, "dtype": names[0]},
                                  "second": {"file": args.second, "dtype": names[1]}, "by_length": rows,

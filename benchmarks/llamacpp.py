@@ -16,8 +16,8 @@ For each length, in turn and each in a fresh process:
 - ``rcc float32`` and ``rcc bfloat16``: ``rcc bench --kinds rcc`` with the bundled model
   (compress the context, then answer the prompt from the slots), the command recorded beside it.
 
-The token ids are ``rcc bench``'s (:func:`rcc.bench.context_ids`: the pass-key filler tiled;
-:func:`rcc.bench.prompt_ids`: the manual-mode question), from the GGUF's tokenizer, whose
+The token ids are ``rcc bench``'s (:func:`rcc.bench.memory.context_ids`: the pass-key filler tiled;
+:func:`rcc.bench.memory.prompt_ids`: the manual-mode question), from the GGUF's tokenizer, whose
 agreement with llama.cpp's is checked first. Peak RSS is measured as ``rcc bench`` measures it:
 the peak is reset after loading (``/proc/self/clear_refs``), both kinds run with the same
 ``MALLOC_MMAP_THRESHOLD_``, and the peak includes the loaded weights. Decode tokens/s is counted
@@ -74,7 +74,7 @@ def llamacpp_point(python: str, gguf: Path, length: int, ids: list[int], new_tok
                    repeats: int, env: dict | None = None) -> dict:
     """One llama.cpp point in a fresh child: load, reset the peak, pre-fill ``ids`` (a
     ``length``-token context and the prompt) + decode, read the peak."""
-    from rcc.bench import ALLOCATOR_ENV
+    from rcc.bench.memory import ALLOCATOR_ENV
     from rcc.errors import RCCError
     from rcc.eval.llamacpp import LlamaCppChild
 
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rcc.backbones import embedded_smollm2_file
     from rcc.errors import RCCError
-    from rcc.io import parse_lengths, write_json
+    from rcc.files import write_json
+    from rcc.report import parse_lengths
 
     try:
         lengths = parse_lengths(args.lengths)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import AutoTokenizer
 
-    from rcc.bench import context_ids, prompt_ids
+    from rcc.bench.memory import context_ids, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     result = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rcc.bench import fit_slope  # noqa: E402
+from rcc.bench.memory import fit_slope  # noqa: E402
 
 # arXiv 2406.06110, the memory figure: Pythia-1.4B, MB as the paper prints them
 PAPER = {("backbone", 32768): 33240, ("backbone", 65536): 61928,

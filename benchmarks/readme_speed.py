@@ -62,7 +62,8 @@ def main() -> int:
     p.add_argument("--cold", action="store_true", help="also time first runs (empty cache folder each time)")
     p.add_argument("-o", "--output", default="benchmarks/results/readme-speed.json")
     args = p.parse_args()
-    from rcc.io import versions, write_json
+    from rcc.files import write_json
+    from rcc.report import versions
     from rcc.precision import describe
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), TQDM_DISABLE="1")

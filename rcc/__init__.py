@@ -8,7 +8,7 @@ Ctrl-C during those imports with one line.
 
 from importlib import import_module
 
-from ._version import __version__
+from rcc._version import __version__
 
 _WHERE = {
     "DEFAULT_MODEL": ".bundled",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 ADAPTER = "default"
 

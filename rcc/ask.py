@@ -1,6 +1,6 @@
 """Ask a question about a context: the one path the CLI (``rcc ask``), the
 evaluation (:class:`rcc.eval.baselines.RCCMethod`), :meth:`rcc.RCCModel.ask`
-and a server share (spec section 2).
+and a server share (docs/method.md section 2).
 
 The context is text or a saved memory (:class:`~rcc.CompressedContext`, e.g.
 from ``rcc compress``):
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .errors import RCCError
-from .memory import CompressedContext
-from .prompts import ASSISTANT, END, build, default_mode, split_answer
+from rcc.errors import RCCError
+from rcc.memory import CompressedContext
+from rcc.prompts import CHATML, default_mode
 
 
 @dataclass
@@ -56,21 +56,16 @@ class Answer:
 
 
 class AnswerDone(StoppingCriteria):
-    """Stop a row once its answer is closed by ``<|im_end|>`` (after the
-    assistant header in reconstruct mode, where the question ends with one too)."""
+    """Stop a row once its answer is closed by the end marker (after the assistant
+    header in reconstruct mode, where the question ends with one too):
+    :meth:`rcc.prompts.PromptStyle.finished` on the row's tokens from ``start``."""
 
-    def __init__(self, tokenizer, start: int, mode: str):
-        self.tokenizer, self.start, self.mode = tokenizer, start, mode
+    def __init__(self, tokenizer, start: int, mode: str, style=CHATML):
+        self.tokenizer, self.start, self.mode, self.style = tokenizer, start, mode, style
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = []
-        for row in input_ids[:, self.start :]:
-            text = self.tokenizer.decode(row, skip_special_tokens=False)
-            if self.mode == "reconstruct":
-                head = text.find(ASSISTANT)
-                done.append(head >= 0 and END in text[head + len(ASSISTANT) :])
-            else:
-                done.append(END in text)
+        done = [self.style.finished(self.tokenizer.decode(row, skip_special_tokens=False), self.mode)
+                for row in input_ids[:, self.start :]]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -117,14 +112,14 @@ def ask(model, context: str | CompressedContext, question: str, mode: str | None
     if not question.strip():
         raise RCCError("the question is empty")
     mode = choose_mode(model, context, mode)
-    prompt = build("", question, mode)[1]  # the prompt does not depend on the context; raises on a bad mode
+    prompt = CHATML.build("", question, mode)[1]  # the prompt does not depend on the context; raises on a bad mode
     ids, prefix = None, None
     if is_memory:
         model.check_memory(context)
         if mode == "reconstruct":  # the question is compressed too: its windows extend the memory
             ids, prefix = tok("\n\n" + question, add_special_tokens=False, return_tensors="pt").input_ids, context
     else:
-        ids = tok(build(context, question, mode)[0], add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tok(CHATML.build(context, question, mode)[0], add_special_tokens=False, return_tensors="pt").input_ids
     if compress is None:
         compress = _compressor(model, window_batch_size, progress)
     secs = 0.0
@@ -139,16 +134,13 @@ def ask(model, context: str | CompressedContext, question: str, mode: str | None
     criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
     criteria.append(AnswerDone(tok, memory.num_slots + prompt_ids.shape[1], mode))
     eos_id = generate_kwargs.pop("eos_token_id", tok.eos_token_id)
-    if mode == "reconstruct" and eos == END:
-        eos_id = None  # the question ends with <|im_end|> too: AnswerDone decides
+    if CHATML.stop_token_id(tok, mode) is None:
+        eos_id = None  # the question ends with the end marker too: AnswerDone decides
     out = model.generate(memory, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                          stopping_criteria=criteria, **generate_kwargs)
     out_ids = out[0].tolist()
-    question_back, answer = split_answer(tok.decode(out_ids, skip_special_tokens=False), mode, eos)
-    for stop in generate_kwargs.get("stop_strings") or ():  # as the server and OpenAI: the stop string is not shown
-        at = answer.find(stop)
-        if at >= 0:
-            answer = answer[:at].rstrip()
+    question_back, answer = CHATML.split_answer(tok.decode(out_ids, skip_special_tokens=False), mode, eos,
+                                                tuple(generate_kwargs.get("stop_strings") or ()))
     return Answer(answer=answer, reconstructed_question=question_back, token_ids=out_ids, mode=mode,
                   num_slots=memory.num_slots, compressed_tokens=0 if ids is None else int(ids.shape[1]),
                   compress_seconds=secs)

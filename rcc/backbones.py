@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def embedded_smollm2(dtype: torch.dtype = torch.float32, fresh: bool = True):
     Raises:
         RCCError: when the package or the ``gguf`` reader is missing.
     """
-    from .gguf_cache import cache_folder, load_cached
+    from rcc.gguf_cache import cache_folder, load_cached
 
     key = str(dtype)
     if key not in _EMBEDDED_CACHE:
@@ -181,7 +181,7 @@ RANDOM = "random:"
 #: well-known backbones' architectures, built with random weights by :func:`random_backbone`
 #: (memory and speed do not depend on the weights: a benchmark of a 1.4B model needs no download)
 SHAPES = {
-    # EleutherAI/pythia-1.4b's config.json (the paper's backbone, spec section 5)
+    # EleutherAI/pythia-1.4b's config.json (the paper's backbone, docs/method.md section 5)
     "pythia-1.4b": dict(model_type="gpt_neox", hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
                         intermediate_size=8192, rotary_pct=0.25, rotary_emb_base=10000,
                         max_position_embeddings=2048, vocab_size=50304, use_parallel_residual=True,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import CONFIG_FILE
-from .errors import RCCError
+from rcc.config import CONFIG_FILE
+from rcc.errors import RCCError
 
 DEFAULT_MODEL = "rcc-smollm2-135m"
 BUNDLED_MODELS = (DEFAULT_MODEL,)

@@ -1,5 +1,5 @@
 """Checkpoint formats: ours (``rcc_config.json`` + ``model.safetensors``) and
-the authors' released layout (spec section 5).
+the authors' released layout (docs/method.md section 5).
 
 Reading returns the parts of a model (:class:`Parts`: backbones, config,
 tokenizer, the G and A_i weights); :meth:`rcc.RCCModel.from_parts` assembles
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
-from .backbones import load_backbone, model_from_config, resolve_local_or_hub, shared_copy
-from .bundled import resolve_bundled
-from .config import CONFIG_FILE, RCCConfig
-from .errors import RCCError
-from .io import atomic_save_file, atomic_write_text
+from rcc.adapters import apply_lora, has_lora, lora_config, lora_state, merged_state
+from rcc.backbones import load_backbone, model_from_config, resolve_local_or_hub, shared_copy
+from rcc.bundled import resolve_bundled
+from rcc.config import CONFIG_FILE, RCCConfig
+from rcc.errors import RCCError
+from rcc.files import atomic_save_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _drop_buffers(state: dict[str, torch.Tensor], module: torch.nn.Module) -> di
 
 
 def read_original(weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None) -> Parts:
-    """Read the authors' released RCC checkpoint (spec section 5); see :meth:`rcc.RCCModel.from_original`.
+    """Read the authors' released RCC checkpoint (docs/method.md section 5); see :meth:`rcc.RCCModel.from_original`.
 
     Args:
         weights: a folder of safetensors files, one file, or a hub id

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 POOLINGS = ("last", "mean")
 CONFIG_FILE = "rcc_config.json"  # an RCC model folder's config (rcc.checkpoint writes it beside the weights)
@@ -18,7 +18,7 @@ class RCCConfig:
     """What defines an RCC model beyond its two backbones' own configs.
 
     Attributes:
-        window: tokens per encoder window W (spec section 1).
+        window: tokens per encoder window W (docs/method.md section 1).
         ratio: compression ratio r; each window gives ``window // ratio`` slots.
         pooling: how a block of r encoder states becomes one slot: ``"last"``
             keeps the state at the block's last token (the released model),
@@ -32,7 +32,7 @@ class RCCConfig:
             ``"embedded:smollm2"``); ``None`` when the checkpoint carries them.
         trained: False for a model freshly built by ``from_backbones``; its
             projections are an initialisation, not learned.
-        instruction_mode: the instruction mode (spec section 2) a question is
+        instruction_mode: the instruction mode (docs/method.md section 2) a question is
             asked in when the caller names none: ``"manual"`` for a model
             fine-tuned in that mode only; ``None`` means ``"reconstruct"``,
             the released model's.
@@ -77,7 +77,7 @@ class RCCConfig:
     def levels_for_layers(self, encoder_layers: int, decoder_layers: int) -> list[list[int]]:
         """Encoder levels (0 = embeddings, j = output of layer j-1) feeding each A_i.
 
-        Default mapping (spec section 1): decoder layer i reads the mean of the
+        Default mapping (docs/method.md section 1): decoder layer i reads the mean of the
         encoder levels in ``(i * L_E / L_D, (i + 1) * L_E / L_D]``. With equal
         depths this is level i+1; with L_E = 2 L_D it is the original's mean of
         levels 2i+1 and 2i+2. With a shallower encoder (L_E < L_D) the interval
@@ -128,7 +128,7 @@ class RCCConfig:
 
 
 def windows_for(n_tokens: int, window: int) -> int:
-    """Number of W-token windows a context of ``n_tokens`` is padded to (spec section 1)."""
+    """Number of W-token windows a context of ``n_tokens`` is padded to (docs/method.md section 1)."""
     if n_tokens <= 0:
         raise RCCError("the context is empty; give at least one token of context")
     return max(1, -(-n_tokens // window))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "stop")
 
@@ -82,41 +82,27 @@ def sampling(do_sample: bool = False, temperature=None, top_p=None, top_k=None) 
 
 def generation_options(max_new_tokens: int | None = 128, do_sample: bool = False, temperature: float | None = None,
                        top_p: float | None = None, top_k: int | None = None,
-                       repetition_penalty: float | None = None, stop: list[str] | None = None) -> dict:
+                       repetition_penalty: float | None = None, stop: list[str] | None = None,
+                       name: Callable[[str], str] = cli_name) -> dict:
     """Checked ``generate`` keyword arguments (:func:`check_sampling`, :func:`sampling`);
-    ``stop`` becomes ``stop_strings``.
+    ``stop`` becomes ``stop_strings``. The one place generation options are mapped: the
+    CLI, the Python API and the server call it.
 
     Raises:
-        RCCError: for a value ``generate`` would refuse or misuse (named as its CLI option).
+        RCCError: for a value ``generate`` would refuse or misuse, named by ``name``
+            (default: its CLI option; ``str``: the field as the API spells it).
     """
     if max_new_tokens is not None:
-        check_max_new_tokens(max_new_tokens)
-    check_sampling(temperature, top_p, top_k, repetition_penalty)
+        check_max_new_tokens(max_new_tokens, name)
+    check_sampling(temperature, top_p, top_k, repetition_penalty, name=name)
     if do_sample and temperature == 0:
-        raise RCCError("--temperature 0 is greedy decoding; drop --do-sample, or give a positive temperature")
+        raise RCCError(f"{name('temperature')} 0 is greedy decoding; drop {name('do_sample')}, or give a positive "
+                       "temperature")
     if stop and not all(stop):
-        raise RCCError("--stop: a stop string must not be empty")
+        raise RCCError(f"{name('stop')}: a stop string must not be empty")
     opts: dict = {"max_new_tokens": max_new_tokens, **sampling(do_sample, temperature, top_p, top_k)}
     if repetition_penalty is not None:
         opts["repetition_penalty"] = repetition_penalty
     if stop:
         opts["stop_strings"] = list(stop)
     return opts
-
-
-def options_from_args(args) -> dict:
-    """:func:`generation_options` of the :data:`FIELDS` an argparse namespace has (none:
-    nothing to check); e.g. ``rcc eval`` has ``--max-new-tokens`` alone."""
-    return generation_options(**{k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
-
-
-def add_arguments(p) -> None:
-    """The options of :func:`generation_options` (``--max-new-tokens``, ``--temperature`` ...)."""
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, help=f"0 (greedy) or {TEMPERATURE[0]:g} to {TEMPERATURE[1]:g}")
-    p.add_argument("--top-p", type=float, help="in (0, 1]")
-    p.add_argument("--top-k", type=int, help=f"0 (off) to {MAX_TOP_K}")
-    p.add_argument("--repetition-penalty", type=float,
-                   help=f"{REPETITION_PENALTY[0]:g} to {REPETITION_PENALTY[1]:g} (1 is none)")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")

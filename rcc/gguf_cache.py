@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .io import umask_mode
+from rcc.files import umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def cache_folder(gguf: Path, dtype: torch.dtype, root: Path | None = None) -> Pa
     keep their own folder instead of rebuilding each other's)."""
     from transformers import __version__ as tf_version
 
-    from .cache import cache_root
+    from rcc.files import cache_root
 
     name = f"{gguf.stem}-{known_sha256(gguf)[:16]}-{str(dtype).removeprefix('torch.')}-tf{tf_version}"
     return (root or cache_root()) / "backbones" / name

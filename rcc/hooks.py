@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 _LAYER_PATHS = ("layers", "h", "decoder.layers", "blocks", "transformer.h", "model.layers")
 
@@ -64,10 +64,6 @@ def cache_kwarg(model: nn.Module) -> str:
 def backbone_body(model: nn.Module) -> nn.Module:
     """The transformer body of a causal LM (no LM head), e.g. ``model.gpt_neox``."""
     return getattr(model, "base_model", model)
-
-
-def embedding_layer(model: nn.Module) -> nn.Module:
-    return model.get_input_embeddings()
 
 
 # autograd nodes whose backward does not read their own result: a slot-row add on

@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .bundled import resolve_bundled
-from .config import CONFIG_FILE, RCCConfig
-from .errors import RCCError
+from rcc.bundled import resolve_bundled
+from rcc.config import CONFIG_FILE, RCCConfig
+from rcc.errors import RCCError
 
 if TYPE_CHECKING:  # imported when a model is loaded: building the CLI's parser stays light
     import torch
 
-    from .model import RCCModel
+    from rcc.model import RCCModel
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
                device=None, window: int = RCCConfig.window, ratio: int = RCCConfig.ratio) -> RCCModel:
     """Resolve what a user means by a model name (CLI ``--model``, server).
 
-    - ``base_model`` given: ``spec`` is the authors' released layout (spec section 5);
+    - ``base_model`` given: ``spec`` is the authors' released layout (docs/method.md section 5);
     - ``"rcc-smollm2-135m"`` (:data:`rcc.bundled.DEFAULT_MODEL`): the model shipped in the package;
     - a folder or hub repo with ``rcc_config.json``: our format;
     - ``"embedded:smollm2"`` or any other causal LM folder / hub id: a fresh,
@@ -37,8 +37,8 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
     Raises:
         RCCError: when nothing loadable is found, or the bundled model's weights are missing.
     """
-    from .backbones import EMBEDDED, RANDOM, load_backbone, random_backbone, resolve_local_or_hub, shared_copy
-    from .model import RCCModel
+    from rcc.backbones import EMBEDDED, RANDOM, load_backbone, random_backbone, resolve_local_or_hub, shared_copy
+    from rcc.model import RCCModel
 
     if base_model:
         model = RCCModel.from_original(spec, base_model=base_model, dtype=dtype)
@@ -68,28 +68,6 @@ def load_model(spec: str, base_model: str | None = None, dtype: torch.dtype | No
     if device is not None:
         model.to(device)
     return model.eval()
-
-
-def add_model_arguments(p, window_batch_size: int = 8,
-                        batch_help: str = "windows encoded per step (default 8)") -> None:
-    """The options naming and placing a model (``--model``, ``--device``, ...): the
-    parameters of :func:`load_model`, shared by the CLI's commands that load one."""
-    from .bundled import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"the bundled {DEFAULT_MODEL} (default), our checkpoint folder or hub id, the released "
-                        "layout (with --base-model), 'embedded:smollm2' or a transformers backbone (fresh, untrained)")
-    p.add_argument("--base-model", help="config (and tokenizer) of the released layout, e.g. EleutherAI/pythia-1.4b")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="default auto: bfloat16 on a GPU; on a CPU bfloat16 where it has native bf16 matrix units, "
-                        "else float32 (`rcc info --system` says which and why)")
-    p.add_argument("--window", type=int, default=RCCConfig.window,
-                   help=f"window of a fresh model (default {RCCConfig.window})")
-    p.add_argument("--ratio", type=int, default=RCCConfig.ratio,
-                   help=f"ratio of a fresh model (default {RCCConfig.ratio})")
-    p.add_argument("--window-batch-size", type=int, default=window_batch_size, help=batch_help)
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def resolve_device(name: str) -> str:
@@ -130,36 +108,9 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     import torch
 
     if name == "auto":
-        from .precision import auto_dtype
+        from rcc.precision import auto_dtype
 
         chosen = auto_dtype(device)
         log.info("--dtype auto on %s: %s", device, chosen)
         return getattr(torch, chosen)
     return getattr(torch, name)
-
-
-def check_model_arguments(args) -> None:
-    """The options of :func:`add_model_arguments` a namespace has, checked before the
-    slow model load: ``--device`` (:func:`resolve_device`), ``--window-batch-size``.
-
-    Raises:
-        RCCError: on the first bad option.
-    """
-    if getattr(args, "device", None) is not None:
-        resolve_device(args.device)
-    if getattr(args, "window_batch_size", 1) < 1:
-        raise RCCError(f"--window-batch-size {args.window_batch_size}: must be at least 1")
-
-
-def load_from_args(args) -> tuple[RCCModel, str]:
-    """:func:`load_model` with the options of :func:`add_model_arguments`; warns (stderr)
-    when the model is untrained. Returns ``(model, device)``."""
-    import sys
-
-    device = resolve_device(args.device)
-    model = load_model(args.model, base_model=args.base_model, dtype=resolve_dtype(args.dtype, device),
-                       device=device, window=args.window, ratio=args.ratio)
-    if not model.config.trained:
-        print(f"rcc: warning: {args.model} gives an UNTRAINED RCC model (fresh G and A_i); its answers are "
-              "meaningless until it is trained with `rcc train`", file=sys.stderr)
-    return model, device

@@ -1,4 +1,4 @@
-"""The decoder's next-token loss without ``[batch, prompt, vocab]`` logits (spec section 3).
+"""The decoder's next-token loss without ``[batch, prompt, vocab]`` logits (docs/method.md section 3).
 
 The loss is the LM head + cross-entropy over the labelled positions only,
 fused so that logits exist for one chunk of rows at a time:

@@ -24,17 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from .errors import RCCError
-from .io import atomic_save_file, atomic_write_text, check_writable, clean_stale_parts  # noqa: F401  (their old home)
+from rcc.errors import RCCError
+from rcc.files import atomic_save_file
 
 FORMAT = "rcc-memory/2"
 FORMAT_V1 = "rcc-memory/1"
 #: storage dtypes of a memory file's KV tensors, by name (``save(dtype=...)``, ``--storage-dtype``)
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float64": torch.float64}
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 _INT_FIELDS = ("num_tokens", "num_slots", "window", "ratio", "layers")
-_RECOMPRESS = "recreate it with `rcc compress`"
+RECOMPRESS = "recreate it with `rcc compress`"
 
 
 def token_hash(ids: torch.Tensor) -> str:
@@ -45,7 +45,7 @@ def token_hash(ids: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _tensors_hash(tensors: dict[str, torch.Tensor], shapes: bool = True) -> str:
+def tensors_hash(tensors: dict[str, torch.Tensor], shapes: bool = True) -> str:
     """sha256 over every tensor's name, (format 2:) dtype and shape, and bytes."""
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -57,10 +57,28 @@ def _tensors_hash(tensors: dict[str, torch.Tensor], shapes: bool = True) -> str:
     return h.hexdigest()
 
 
-def _metadata_hash(meta: dict[str, str]) -> str:
+def metadata_hash(meta: dict[str, str]) -> str:
     """sha256 of every metadata field but ``metadata_sha256`` itself (canonical JSON)."""
     rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def save_signed(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str], what: str) -> Path:
+    """Write ``tensors`` to one safetensors file at ``path``, atomically, with ``meta``
+    signed: ``tensors_sha256`` (:func:`tensors_hash`) and ``metadata_sha256``
+    (:func:`metadata_hash`) added, so a reader detects any change. Memory files and
+    the vLLM path's slot files both use it.
+
+    Raises:
+        RCCError: one line naming the ``what`` that could not be written.
+    """
+    meta = dict(meta, tensors_sha256=tensors_hash(tensors))
+    meta["metadata_sha256"] = metadata_hash(meta)
+    try:
+        atomic_save_file(tensors, path, meta)
+    except OSError as err:
+        raise RCCError(f"{path}: cannot write the {what} ({err.strerror or err})") from None
+    return path
 
 
 def storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -108,7 +126,7 @@ class CompressedContext:
     Attributes:
         kv: per decoder layer ``(keys, values)``, each
             ``[batch, kv_heads, num_slots, head_dim]``: the decoder's KV cache
-            after pre-filling the slots (spec section 4). A loaded memory keeps the
+            after pre-filling the slots (docs/method.md section 4). A loaded memory keeps the
             file's storage dtype; :meth:`cache` casts to the model's dtype.
         num_tokens: context tokens before padding to whole windows.
         num_slots: slot positions P (= windows * window / ratio).
@@ -190,15 +208,7 @@ class CompressedContext:
                     raise RCCError(f"the memory's values overflow {dtype_name(target)}; store it as "
                                    "bfloat16 or float32 instead")
                 tensors[name] = stored
-        meta = self.metadata()
-        meta["dtype"] = dtype_name(target)
-        meta["tensors_sha256"] = _tensors_hash(tensors)
-        meta["metadata_sha256"] = _metadata_hash(meta)
-        try:
-            atomic_save_file(tensors, path, meta)
-        except OSError as err:
-            raise RCCError(f"{path}: cannot write the memory file ({err.strerror or err})") from None
-        return path
+        return save_signed(tensors, path, self.metadata() | {"dtype": dtype_name(target)}, "memory file")
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -214,13 +224,13 @@ class CompressedContext:
                 or its metadata does not fit its tensors.
         """
         meta = read_memory_metadata(path)
-        fields = _fields(meta, path)
+        fields = memory_fields(meta, path)
         try:
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise RCCError(f"{path}: cannot read the memory file ({err}); {_RECOMPRESS}") from None
-        if _tensors_hash(tensors, shapes=meta["format"] != FORMAT_V1) != meta.get("tensors_sha256"):
-            raise RCCError(f"{path}: memory file is corrupt (checksum mismatch); {_RECOMPRESS}")
+            raise RCCError(f"{path}: cannot read the memory file ({err}); {RECOMPRESS}") from None
+        if tensors_hash(tensors, shapes=meta["format"] != FORMAT_V1) != meta.get("tensors_sha256"):
+            raise RCCError(f"{path}: memory file is corrupt (checksum mismatch); {RECOMPRESS}")
         check_finite(tensors, path)
         cast = storage_dtype(dtype)
         kv = [(tensors[f"layers.{i}.keys"].to(device, cast), tensors[f"layers.{i}.values"].to(device, cast))
@@ -235,10 +245,10 @@ def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
     for name in sorted(tensors):
         t = tensors[name]
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise RCCError(f"{path}: tensor {name!r} holds NaN or Inf values; {_RECOMPRESS}")
+            raise RCCError(f"{path}: tensor {name!r} holds NaN or Inf values; {RECOMPRESS}")
 
 
-def _fields(meta: dict[str, str], path) -> dict[str, int]:
+def memory_fields(meta: dict[str, str], path) -> dict[str, int]:
     """The integer fields of a memory's metadata, checked against each other.
 
     Raises:
@@ -248,20 +258,20 @@ def _fields(meta: dict[str, str], path) -> dict[str, int]:
     for key in _INT_FIELDS:
         value = meta.get(key)
         if value is None:
-            raise RCCError(f"{path}: memory file lacks the field {key!r}; {_RECOMPRESS}")
+            raise RCCError(f"{path}: memory file lacks the field {key!r}; {RECOMPRESS}")
         if not re.fullmatch(r"[0-9]{1,18}", value) or int(value) < 1:
-            raise RCCError(f"{path}: memory field {key!r} is {value!r}, not a positive integer; {_RECOMPRESS}")
+            raise RCCError(f"{path}: memory field {key!r} is {value!r}, not a positive integer; {RECOMPRESS}")
         out[key] = int(value)
     for key in ("model_id", "content_hash"):
         if not meta.get(key):
-            raise RCCError(f"{path}: memory file lacks the field {key!r}; {_RECOMPRESS}")
+            raise RCCError(f"{path}: memory file lacks the field {key!r}; {RECOMPRESS}")
     window, ratio, slots, tokens = out["window"], out["ratio"], out["num_slots"], out["num_tokens"]
     per_window = window // ratio
     windows = slots // per_window if window % ratio == 0 else 0
     # every window holds at least one context token and at most `window` of them
     if not windows or slots % per_window or not math.ceil(tokens / window) <= windows <= tokens:
         raise RCCError(f"{path}: memory fields disagree (num_tokens {tokens}, num_slots {slots}, window {window}, "
-                       f"ratio {ratio}); {_RECOMPRESS}")
+                       f"ratio {ratio}); {RECOMPRESS}")
     return out
 
 
@@ -270,7 +280,7 @@ def _fields(meta: dict[str, str], path) -> dict[str, int]:
 MAX_HEADER_BYTES = 1 << 20
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], dict[str, dict], int]:
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict], int]:
     """``(metadata, tensor entries, file size its header describes)`` of a safetensors file.
 
     Raises:
@@ -318,7 +328,7 @@ def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise RCCError(f"{path}: no such memory file; create one with `rcc compress`")
     try:
-        meta, entries, expected = _read_header(path)
+        meta, entries, expected = read_header(path)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise RCCError(f"{path}: not an RCC memory file ({err}); create one with `rcc compress`") from None
     if meta.get("format") not in (FORMAT, FORMAT_V1):
@@ -327,24 +337,24 @@ def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
     if actual != expected:
         what = "incomplete (an interrupted write or copy?)" if actual < expected else "longer than its header says"
         raise RCCError(f"{path}: memory file is {what}: {actual} bytes, its header describes {expected}; "
-                       f"{_RECOMPRESS}")
-    if meta["format"] == FORMAT and meta.get("metadata_sha256") != _metadata_hash(meta):
-        raise RCCError(f"{path}: memory file is corrupt (its metadata does not match its checksum); {_RECOMPRESS}")
-    fields = _fields(meta, path)
+                       f"{RECOMPRESS}")
+    if meta["format"] == FORMAT and meta.get("metadata_sha256") != metadata_hash(meta):
+        raise RCCError(f"{path}: memory file is corrupt (its metadata does not match its checksum); {RECOMPRESS}")
+    fields = memory_fields(meta, path)
     names = {f"layers.{i}.{part}" for i in range(fields["layers"]) for part in ("keys", "values")}
     if set(entries) != names:
         odd = sorted(set(entries) ^ names, key=lambda n: (len(n), n))[0]
         why = "lacks the tensor" if odd in names else "has an unexpected tensor"
-        raise RCCError(f"{path}: memory file {why} {odd!r} (layers {fields['layers']}); {_RECOMPRESS}")
+        raise RCCError(f"{path}: memory file {why} {odd!r} (layers {fields['layers']}); {RECOMPRESS}")
     dtypes = {e["dtype"] for e in entries.values()}
     batches = {tuple(e["shape"])[:1] for e in entries.values()}
     for name, e in sorted(entries.items()):
         shape = e["shape"]
         if len(shape) != 4 or shape[2] != fields["num_slots"] or 0 in shape:
             raise RCCError(f"{path}: memory tensor {name!r} has shape {tuple(shape)}, expected [batch, kv_heads, "
-                           f"{fields['num_slots']} (num_slots), head_dim]; {_RECOMPRESS}")
-    stored = _SAFETENSORS_DTYPES.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+                           f"{fields['num_slots']} (num_slots), head_dim]; {RECOMPRESS}")
+    stored = SAFETENSORS_DTYPES.get(next(iter(dtypes))) if len(dtypes) == 1 else None
     if len(batches) != 1 or stored is None or meta.setdefault("dtype", stored) != stored:
         raise RCCError(f"{path}: memory tensors disagree with each other or with the dtype field "
-                       f"({', '.join(sorted(dtypes))} vs {meta.get('dtype')!r}); {_RECOMPRESS}")
+                       f"({', '.join(sorted(dtypes))} vs {meta.get('dtype')!r}); {RECOMPRESS}")
     return meta

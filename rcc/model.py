@@ -1,4 +1,4 @@
-"""RCCModel: an encoder LM, a decoder LM and the maps G and A_i (spec section 1).
+"""RCCModel: an encoder LM, a decoder LM and the maps G and A_i (docs/method.md section 1).
 
 Compose, do not subclass: the backbones are ordinary transformers causal LMs.
 The decoder reads slots through ``inputs_embeds`` and per-layer additions
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, hooks, loss as fused_loss, positions, slots
-from .config import RCCConfig
-from .errors import RCCError
-from .memory import CompressedContext, kv_of, token_hash
+from rcc import adapters, hooks, loss as fused_loss, positions, slots
+from rcc.config import RCCConfig
+from rcc.errors import RCCError
+from rcc.memory import CompressedContext, kv_of, token_hash
 
 
 @dataclass
@@ -155,7 +155,7 @@ class RCCModel(nn.Module):
         Raises:
             RCCError: when the projections' weights do not fit the backbones.
         """
-        from .checkpoint import load_glue
+        from rcc.checkpoint import load_glue
 
         model = cls(parts.encoder, parts.decoder, parts.config, tokenizer=parts.tokenizer)
         load_glue(model, parts.glue, f"{parts.source} (G and A_i)")
@@ -178,20 +178,20 @@ class RCCModel(nn.Module):
         Raises:
             RCCError: when it is not an rcc-llm checkpoint, or its files are corrupt or mismatched.
         """
-        from .checkpoint import read_pretrained
+        from rcc.checkpoint import read_pretrained
 
         return cls.from_parts(read_pretrained(name_or_path, dtype=dtype, share_backbone=share_backbone), device=device)
 
     @classmethod
     def from_original(cls, weights: str, base_model, dtype: torch.dtype | None = None, tokenizer=None) -> "RCCModel":
-        """Load the authors' released layout (spec section 5); see :func:`rcc.checkpoint.read_original`."""
-        from .checkpoint import read_original
+        """Load the authors' released layout (docs/method.md section 5); see :func:`rcc.checkpoint.read_original`."""
+        from rcc.checkpoint import read_original
 
         return cls.from_parts(read_original(weights, base_model=base_model, dtype=dtype, tokenizer=tokenizer))
 
     def save_pretrained(self, path: str, include_backbones: bool | None = None) -> None:
         """Write ``rcc_config.json`` + ``model.safetensors`` (+ tokenizer) to ``path``."""
-        from .checkpoint import save_pretrained
+        from rcc.checkpoint import save_pretrained
 
         save_pretrained(self, path, include_backbones=include_backbones)
 
@@ -300,7 +300,7 @@ class RCCModel(nn.Module):
         progress: Callable[[int], None] | None = None,
         prefix: CompressedContext | None = None,
     ) -> CompressedContext:
-        """Compress a context into the decoder's KV cache, streaming (spec section 4).
+        """Compress a context into the decoder's KV cache, streaming (docs/method.md section 4).
 
         Each batch of windows is encoded, projected and pre-filled into the
         decoder's cache before the next batch is encoded, so peak memory is the
@@ -379,7 +379,7 @@ class RCCModel(nn.Module):
             input_ids: ``[batch, m]`` decoder prompt.
             labels: ``[batch, m]`` aligned with ``input_ids``; -100 = not counted.
                 Slot positions are never counted; the last slot's logits predict
-                ``labels[:, 0]`` (spec section 3).
+                ``labels[:, 0]`` (docs/method.md section 3).
             attention_mask: ``[batch, m]`` for the prompt (1 = real token).
             window_batch_size: windows of each row encoded together (None: all;
                 with ``grad_windows``, those without gradient go 8 at a time).
@@ -471,7 +471,7 @@ class RCCModel(nn.Module):
             beyond an absolute-position decoder, or sampling values out of
             :func:`rcc.generation.check_sampling`'s ranges (the CLI's and the server's rules).
         """
-        from .generation import check_max_new_tokens, check_sampling
+        from rcc.generation import check_max_new_tokens, check_sampling
 
         check_max_new_tokens(max_new_tokens, name=str)
         check_sampling(*(generate_kwargs.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")),
@@ -490,7 +490,7 @@ class RCCModel(nn.Module):
         attention_mask = attention_mask.to(self.device)
         if made_here and b == memory.batch_size:
             # a memory made for this call alone is moved into the cache layer by layer
-            # (not copied whole), so the slots are held once (spec section 4)
+            # (not copied whole), so the slots are held once (docs/method.md section 4)
             from transformers import DynamicCache
 
             kv, memory, cache = memory.kv, None, DynamicCache()
@@ -526,7 +526,7 @@ class RCCModel(nn.Module):
     # ------------------------------------------------------------------ ask
     def ask(self, context, question: str, mode: str | None = None, **kwargs):
         """Answer a question about a text or a saved memory (:class:`CompressedContext`)
-        with one of the two instruction modes (spec section 2); see :func:`rcc.ask.ask`
+        with one of the two instruction modes (docs/method.md section 2); see :func:`rcc.ask.ask`
         for the options. ``mode=None`` takes the model's own for text
         (``config.instruction_mode``, else ``"reconstruct"``) and ``"manual"`` for a memory.
 
@@ -534,6 +534,6 @@ class RCCModel(nn.Module):
             :class:`rcc.ask.Answer` (``answer`` and, for ``"reconstruct"``,
             the ``reconstructed_question``).
         """
-        from .ask import ask
+        from rcc.ask import ask
 
         return ask(self, context, question, mode=mode, **kwargs)

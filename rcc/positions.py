@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 log = logging.getLogger(__name__)
 

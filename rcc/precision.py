@@ -9,7 +9,7 @@ processor, and machines of one class differ, so the choice is made at run time:
 - bf16 dot products without matrix tiles (``avx512_bf16``, e.g. AMD Zen 4;
   ``bf16`` on Arm): the flags do not settle it, so a one-off micro-benchmark
   (a layer-sized matmul in both dtypes) decides, and its result is cached per
-  machine in :func:`rcc.cache.cache_root` ``/cpu-dtype.json``.
+  machine in :func:`rcc.files.cache_root` ``/cpu-dtype.json``.
 
 ``RCC_CPU_DTYPE=float32|bfloat16`` overrides the rule for a process (the
 tests pin float32 so that their numbers do not depend on the machine); an
@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import RCCError
+from rcc.errors import RCCError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _read_cache(path: Path, key: str) -> DtypeChoice | None:
 
 
 def _write_cache(path: Path, key: str, choice: DtypeChoice) -> None:
-    from .io import write_json
+    from rcc.files import write_json
 
     try:
         entries = json.loads(path.read_text())
@@ -165,7 +165,7 @@ def choose_cpu_dtype(info: CPUInfo | None = None, cache: Path | None = None, mea
 
     Args:
         info: the CPU (default :func:`cpu_info`); tests pass made-up flags.
-        cache: the measurement cache file (default: ``cpu-dtype.json`` in :func:`rcc.cache.cache_root`).
+        cache: the measurement cache file (default: ``cpu-dtype.json`` in :func:`rcc.files.cache_root`).
         measure: ``measure(dtype, threads) -> GFLOP/s`` (default :func:`measure_matmul`).
         threads: torch threads the choice is for (default: torch's current setting).
     Raises:
@@ -189,7 +189,7 @@ def choose_cpu_dtype(info: CPUInfo | None = None, cache: Path | None = None, mea
     import torch
 
     threads = threads or torch.get_num_threads()
-    from .cache import cache_root
+    from rcc.files import cache_root
 
     path = cache or cache_root() / _CACHE_NAME
     key = info.key(threads, torch.__version__)

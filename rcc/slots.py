@@ -1,4 +1,4 @@
-"""Slots: the encoder side of RCC (spec section 1), windows -> G and A_i outputs.
+"""Slots: the encoder side of RCC (docs/method.md section 1), windows -> G and A_i outputs.
 
 Each window of W context tokens is run through the encoder E on its own
 (positions restart at 0); the states of the levels the decoder reads are
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from . import hooks
-from .windows import pad_to_windows, pool_slots
+from rcc import hooks
+from rcc.windows import pad_to_windows, pool_slots
 
 
 def encode_levels(model, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

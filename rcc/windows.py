@@ -1,4 +1,4 @@
-"""Cutting a context into windows and picking slot states (spec section 1)."""
+"""Cutting a context into windows and picking slot states (docs/method.md section 1)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .config import windows_for
+from rcc.config import windows_for
 
 log = logging.getLogger(__name__)
 

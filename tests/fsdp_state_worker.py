@@ -1,4 +1,4 @@
-"""One process of tests/test_train_state.py's FSDP2 check (run by torch.distributed.run, gloo, CPU).
+"""One process of tests/train/test_train_state.py's FSDP2 check (run by torch.distributed.run, gloo, CPU).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_state_worker.py OUT PHASE
 
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from rcc.train_state import load_training_state, save_training_state
+from rcc.train.state import load_training_state, save_training_state
 
 
 def build():

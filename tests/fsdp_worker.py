@@ -1,7 +1,7 @@
 """Worker of test_train_speed's 2-process FSDP2 test (run by torch.distributed.run):
 shard each decoder layer (by the class rcc train hands accelerate) and the whole
 model with ``fully_shard`` on gloo, train two steps, gather the full state on
-rank 0 and save it through ``rcc.train_model._gathered_model``."""
+rank 0 and save it through ``rcc.train.setup.gathered_model``."""
 
 import sys
 
@@ -12,8 +12,8 @@ from torch.distributed.fsdp import fully_shard
 
 from rcc import hooks
 from rcc.data import PretrainBatches, TokenFile
-from rcc.train_model import _gathered_model, build_model
-from rcc.train_config import TrainConfig
+from rcc.train.setup import gathered_model, build_model
+from rcc.train.config import TrainConfig
 
 
 def main(config: str, out: str) -> None:
@@ -36,7 +36,7 @@ def main(config: str, out: str) -> None:
         opt.zero_grad()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        _gathered_model(state, model).save_pretrained(out, include_backbones=True)
+        gathered_model(state, model).save_pretrained(out, include_backbones=True)
     dist.destroy_process_group()
 
 

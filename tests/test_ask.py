@@ -7,7 +7,7 @@ import torch
 from rcc import CompressedContext, RCCError
 from rcc.ask import ask, choose_mode
 from rcc.eval.baselines import RCCMethod
-from rcc.prompts import build
+from rcc.prompts import CHATML
 from tests.conftest import tiny_rcc, tiny_tokenizer
 
 TEXT = "The lamp was lit in 1874 by Agnes Morrow, who kept it for forty years. " * 3
@@ -33,7 +33,7 @@ def test_a_memory_is_asked_in_manual_mode_by_default_and_not_recompressed(model)
     calls = []
     a = ask(model, memory, "Who?", max_new_tokens=5, compress=lambda i, p: calls.append(i) or memory)
     assert calls == [] and a.mode == "manual" and a.compressed_tokens == 0 and a.num_slots == memory.num_slots
-    assert a.token_ids == by_hand(model, memory, build("", "Who?", "manual")[1], 5)[: len(a.token_ids)]
+    assert a.token_ids == by_hand(model, memory, CHATML.build("", "Who?", "manual")[1], 5)[: len(a.token_ids)]
     assert choose_mode(model, memory) == "manual" and choose_mode(model, TEXT) == "reconstruct"
     assert choose_mode(model, memory, "reconstruct") == "reconstruct"
 
@@ -44,7 +44,7 @@ def test_a_memory_in_reconstruct_mode_is_extended_with_the_question(model):
     extended = model.compress(ids(model, "\n\nWho kept the lamp?"), prefix=memory)
     assert a.num_slots == extended.num_slots > memory.num_slots
     assert a.compressed_tokens == ids(model, "\n\nWho kept the lamp?").shape[1]
-    assert a.token_ids == by_hand(model, extended, build("", "?", "reconstruct")[1], 5)[: len(a.token_ids)]
+    assert a.token_ids == by_hand(model, extended, CHATML.build("", "?", "reconstruct")[1], 5)[: len(a.token_ids)]
     assert a.reconstructed_question is not None
 
 
@@ -53,7 +53,7 @@ def test_text_compresses_what_the_mode_says_and_reports_progress(model, mode):
     seen = []
     a = ask(model, TEXT, "When?", mode=mode, max_new_tokens=5, window_batch_size=1,
             progress=lambda done, total: seen.append((done, total)))
-    to_compress, prompt = build(TEXT, "When?", mode)
+    to_compress, prompt = CHATML.build(TEXT, "When?", mode)
     n = ids(model, to_compress).shape[1]
     windows = -(-n // 64)
     assert seen == [(i, windows) for i in range(1, windows + 1)] and windows > 1

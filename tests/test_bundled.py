@@ -10,7 +10,7 @@ from rcc.checkpoint import CONFIG_NAME
 from rcc.loading import load_model
 from rcc.cli import main
 from tests.conftest import tiny_rcc, tiny_tokenizer
-from tests.test_cli import DOC, assert_user_error, rcc
+from tests.cli.test_cli import DOC, assert_user_error, rcc
 
 BUNDLED_PRESENT = (MODELS_DIR / DEFAULT_MODEL / CONFIG_NAME).is_file()
 

@@ -27,7 +27,7 @@ def smol():
 
 def test_embedded_backbone_compress_generate_save_load(smol, tmp_path):
     from rcc import RCCModel
-    from rcc.prompts import build
+    from rcc.prompts import CHATML
 
     tok = smol.tokenizer
     text = (REPO / "examples" / "lighthouse.txt").read_text()
@@ -54,7 +54,7 @@ def test_embedded_backbone_compress_generate_save_load(smol, tmp_path):
     answer = smol.ask(text, "Who kept the lamp?", mode="manual", max_new_tokens=5)
     assert answer.reconstructed_question is None and answer.token_ids
     # manual mode: the text alone is compressed and the question is in the decoder's prompt
-    to_compress, manual = build(text, "Who kept the lamp?", "manual")
+    to_compress, manual = CHATML.build(text, "Who kept the lamp?", "manual")
     assert to_compress == text and tok(text, add_special_tokens=False).input_ids == ctx[0].tolist()
     by_hand = smol.generate(mem, tok(manual, add_special_tokens=False, return_tensors="pt").input_ids,
                             max_new_tokens=5)[0].tolist()

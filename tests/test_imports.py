@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and every module imports on its own.
+"""The package's import graph: the rule table of which area imports which, no cycles, no
+import of another module's private name, and every module imports on its own.
 
 Edges are read from the source with ``ast``: every ``import`` and ``from ...
 import`` of a module of the package, at module level or inside a function
@@ -96,9 +97,9 @@ def test_the_cycle_finder_finds_cycles_and_lazy_imports(tmp_path):
 
 def test_the_graph_sees_the_package():
     edges = graph()
-    assert {"rcc", "rcc.cli", "rcc.model", "rcc.eval", "rcc.eval.runner"} <= set(edges)
-    assert "rcc.hooks" in edges["rcc.model"] and "rcc.io" in edges["rcc.memory"]
-    assert "rcc.ask" in edges["rcc.cli"]  # a function-level import counts
+    assert {"rcc", "rcc.cli", "rcc.cli.ask", "rcc.model", "rcc.eval", "rcc.eval.runner"} <= set(edges)
+    assert "rcc.hooks" in edges["rcc.model"] and "rcc.files" in edges["rcc.memory"]
+    assert "rcc.ask" in edges["rcc.cli.ask"]  # a function-level import counts
 
 
 def test_no_import_cycle_in_the_package():
@@ -106,22 +107,85 @@ def test_no_import_cycle_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_entry_points_sit_on_top():
-    """The library never imports the CLI, the evaluation or the benchmark."""
-    edges = graph()
-    tops = ("rcc.cli", "rcc.bench", "rcc.eval")
-    for name, deps in edges.items():
-        if name.startswith(tops) or name == "rcc":
+#: which areas each area may import: the root library (``rcc/*.py``), then one folder per feature.
+#: ``cli`` may import anything and nothing imports it; a module may always import its own area.
+RULES: dict[str, set[str]] = {
+    "root": {"root"},
+    "data": {"root"},
+    "train": {"root", "data"},
+    "eval": {"root", "data"},
+    "bench": {"root", "data", "train"},
+    "vllm": {"root"},
+    "serve": {"root", "vllm"},
+    "cli": {"root", "data", "train", "eval", "bench", "vllm", "serve"},
+}
+
+
+def area(name: str) -> str:
+    """``rcc.model`` -> ``root``, ``rcc.eval.niah`` -> ``eval``, ``rcc`` -> ``root``."""
+    parts = name.split(".")
+    if len(parts) > 1 and (PKG / parts[1]).is_dir():
+        return parts[1]
+    return "root"
+
+
+def test_every_area_is_in_the_rule_table():
+    areas = {area(name) for name in module_names()}
+    assert areas == set(RULES), f"areas without a rule (or rules without an area): {areas ^ set(RULES)}"
+
+
+def test_imports_follow_the_rule_table():
+    bad = []
+    for name, deps in graph().items():
+        if name == "rcc":  # the package's lazy public names (PEP 562) are the root's own
             continue
-        bad = sorted(d for d in deps if d.startswith(tops))
-        assert not bad, f"{name} imports {bad}"
+        for dep in deps:
+            here, there = area(name), area(dep)
+            if there != here and there not in RULES[here]:
+                bad.append(f"{name} ({here}) imports {dep} ({there})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_the_root_holds_at_most_about_twenty_modules():
+    root = [p.name for p in PKG.glob("*.py") if p.name not in ("__init__.py", "_version.py")]
+    assert len(root) <= 22, sorted(root)
+
+
+def private_imports() -> list[str]:
+    """``from M import _name`` anywhere in the package, tests, benchmarks and recipes, where M is
+    another module of the package (a module's own private names stay inside it)."""
+    bad = []
+    for folder in ("rcc", "tests", "benchmarks", "recipes", "scripts"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rcc") and not node.level:
+                    names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    if names:
+                        bad.append(f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import {', '.join(names)}")
+    return bad
+
+
+def test_no_import_of_another_modules_private_name():
+    bad = private_imports()
+    assert not bad, "\n".join(bad)
+
+
+def test_argparse_only_in_the_cli():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.relative_to(PKG).parts[0] == "cli":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "import argparse" in text or "add_argument(" in text or "Namespace" in text:
+            bad.append(str(path.relative_to(REPO)))
+    assert not bad, f"argument parsing outside rcc/cli/: {bad}"
 
 
 def test_every_module_imports_alone():
     """Each module imported first, in one fresh interpreter: the package's modules are
     dropped from ``sys.modules`` before each (torch and transformers stay loaded, so
     this takes seconds), so a module that only imports after another would fail."""
-    names = sorted(module_names())
+    names = sorted(n for n in module_names() if not n.endswith(".__main__"))  # those run the command
     if importlib.util.find_spec("vllm") is None:  # the vLLM model class needs vLLM (.venv-vllm)
         names.remove("rcc.vllm.model")
     code = (
@@ -140,3 +204,24 @@ def test_every_module_imports_alone():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_every_name_imported_from_the_package_exists():
+    """``from rcc.M import name`` anywhere (a function-level import too, in the package,
+    the tests, benchmarks, recipes and scripts) names something ``rcc.M`` has: a lazy
+    import of a moved or renamed name fails here, not when its command first runs."""
+    import importlib
+
+    bad = []
+    for folder in ("rcc", "tests", "benchmarks", "recipes", "scripts"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "rcc"):
+                    continue
+                if node.module.startswith("rcc.vllm.model") and importlib.util.find_spec("vllm") is None:
+                    continue
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                        bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not bad, "\n".join(bad)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rcc import CompressedContext, RCCError
-from rcc.memory import FORMAT_V1, _metadata_hash, _tensors_hash, check_writable, read_memory_metadata
+from rcc.files import check_writable
+from rcc.memory import FORMAT_V1, metadata_hash, read_memory_metadata, tensors_hash
 from tests.conftest import REPO, tiny_rcc
 
 
@@ -37,7 +38,7 @@ def rewrite(src, dst, change, rehash=False):
     header = json.loads(data[8 : 8 + n])
     change(header["__metadata__"])
     if rehash:
-        header["__metadata__"]["metadata_sha256"] = _metadata_hash(header["__metadata__"])
+        header["__metadata__"]["metadata_sha256"] = metadata_hash(header["__metadata__"])
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     dst.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
@@ -114,7 +115,7 @@ def test_format_1_files_still_load_and_their_shapes_are_checked(memory, tmp_path
     tensors = {}
     for i, (k, v) in enumerate(memory.kv):
         tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"] = k.contiguous(), v.contiguous()
-    meta = {**memory.metadata(), "format": FORMAT_V1, "tensors_sha256": _tensors_hash(tensors, shapes=False)}
+    meta = {**memory.metadata(), "format": FORMAT_V1, "tensors_sha256": tensors_hash(tensors, shapes=False)}
     save_file(tensors, str(tmp_path / "v1.rcc"), metadata=meta)
     old = CompressedContext.load(tmp_path / "v1.rcc")
     assert old.num_slots == 24 and torch.equal(old.kv[1][1], memory.kv[1][1])
@@ -164,7 +165,7 @@ def test_storage_dtypes_halve_the_file_and_load_back_into_the_model_dtype(model,
 
 _WRITER = """
 import sys, time, torch
-from rcc.io import atomic_path
+from rcc.files import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     open(tmp, "wb").write(b"x" * 4096)
     print(tmp, flush=True)

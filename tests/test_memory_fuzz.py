@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rcc.errors import RCCError
-from rcc.io import atomic_save_file
-from rcc.memory import CompressedContext, _metadata_hash, _tensors_hash
+from rcc.files import atomic_save_file
+from rcc.memory import CompressedContext, metadata_hash, tensors_hash
 from rcc.vllm.slot_memory import SlotMemory, compress_slots
 from tests.conftest import tiny_rcc
 
@@ -58,8 +58,8 @@ def refused_or_same(kind: str, path, original) -> str:
 def rewrite(path, meta: dict, tensors: dict) -> None:
     """Write ``tensors`` with ``meta``, its checksums recomputed (a file that passes them)."""
     meta = dict(meta)
-    meta["tensors_sha256"] = _tensors_hash(tensors)
-    meta["metadata_sha256"] = _metadata_hash(meta)
+    meta["tensors_sha256"] = tensors_hash(tensors)
+    meta["metadata_sha256"] = metadata_hash(meta)
     atomic_save_file(tensors, path, meta)
 
 

@@ -80,11 +80,15 @@ PINNED = {
 
 def run_case(name: str, tokens: str, output_dir: Path, extra: dict) -> list[float]:
     """Train case ``name`` and return its logged losses: steps 1..max_steps, then the eval loss."""
-    from rcc.train import train
+    from rcc.train.config import SECTION_OF
+    from rcc.train.loop import train
 
     arch, opts = CASES[name]
-    cfg = dict(BASE, backbone=dict(ARCHS[arch]), train_data=tokens, output_dir=str(output_dir), **opts)
-    cfg.update(extra)
+    flat = dict(BASE, backbone=dict(ARCHS[arch]), train_data=tokens, output_dir=str(output_dir), **opts)
+    flat.update(extra)
+    cfg: dict = {"task": flat.pop("task")}
+    for key, value in flat.items():  # each option in its section (model.window, optim.lr ...)
+        cfg.setdefault(SECTION_OF[key], {})[key] = value
     train(cfg)
     records = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

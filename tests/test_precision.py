@@ -109,8 +109,8 @@ def test_the_environment_overrides_the_rule(monkeypatch, tmp_path):
 @pytest.mark.parametrize("forced, dtype, mixed", [("bfloat16", torch.bfloat16, "bf16"), ("float32", torch.float32, "no")])
 def test_cli_and_training_follow_the_choice(monkeypatch, forced, dtype, mixed):
     from rcc.loading import resolve_dtype
-    from rcc.train_config import TrainConfig
-    from rcc.train_model import resolve_frozen_dtype, resolve_precision
+    from rcc.train.config import TrainConfig
+    from rcc.train.setup import resolve_frozen_dtype, resolve_precision
 
     monkeypatch.setenv(precision.ENV, forced)
     assert resolve_dtype("auto", "cpu") == dtype

@@ -1,26 +1,55 @@
-"""The two instruction modes (spec section 2) and answer parsing."""
+"""The two instruction modes (docs/method.md section 2) and answer parsing."""
 
 import pytest
 import torch
 
 from rcc import RCCError
-from rcc.prompts import ASSISTANT, END, HEADER, build, split_answer
+from rcc.prompts import ASSISTANT, CHATML, END, HEADER
 from tests.conftest import tiny_rcc, tiny_tokenizer
 
 
 def test_prompt_formats():
-    assert build("CTX", "Q?", "reconstruct") == ("CTX\n\nQ?", HEADER)
-    assert build("CTX", "Q?", "manual") == ("CTX", HEADER + "Q?" + ASSISTANT)
+    assert CHATML.build("CTX", "Q?", "reconstruct") == ("CTX\n\nQ?", HEADER)
+    assert CHATML.build("CTX", "Q?", "manual") == ("CTX", HEADER + "Q?" + ASSISTANT)
     assert HEADER == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     with pytest.raises(RCCError, match="unknown mode"):
-        build("c", "q", "other")
+        CHATML.build("c", "q", "other")
 
 
 def test_split_answer():
     text = "Who kept it?" + ASSISTANT + "Agnes Morrow" + END + "junk"
-    assert split_answer(text, "reconstruct", "<|endoftext|>") == ("Who kept it?", "Agnes Morrow")
-    assert split_answer("Agnes<|endoftext|>x", "manual", "<|endoftext|>") == (None, "Agnes")
-    assert split_answer("half a question", "reconstruct", None) == ("half a question", "")
+    assert CHATML.split_answer(text, "reconstruct", "<|endoftext|>") == ("Who kept it?", "Agnes Morrow")
+    assert CHATML.split_answer("Agnes<|endoftext|>x", "manual", "<|endoftext|>") == (None, "Agnes")
+    assert CHATML.split_answer("half a question", "reconstruct", None) == ("half a question", "")
+    # stop strings end the answer before their first one, and are not part of it
+    assert CHATML.split_answer("42. Then 7. More" + END, "manual", None, ("Then", ".")) == (None, "42")
+    assert CHATML.split_answer("Q?" + ASSISTANT + "a STOP b", "reconstruct", None, ("STOP",)) == ("Q?", "a")
+
+
+def test_one_style_owns_the_answer_rules():
+    """finished, visible_answer and split_answer read the same markers: an answer is
+    closed exactly when the final split no longer grows."""
+    closed = "Q?" + ASSISTANT + "the answer" + END + "junk"
+    assert not CHATML.finished("Q?" + END + "\n", "reconstruct")  # the question's own end marker
+    assert CHATML.finished(closed, "reconstruct") and not CHATML.finished("Q?" + ASSISTANT + "the ans", "reconstruct")
+    assert CHATML.finished("x STOP", "manual", stops=("STOP",)) and not CHATML.finished("x STO", "manual", stops=("STOP",))
+    assert CHATML.finished("x<eos>", "manual", "<eos>")
+    for n in range(len(closed) + 1):
+        part = closed[:n]
+        shown, final = CHATML.visible_answer(part, "reconstruct", None), CHATML.split_answer(closed, "reconstruct", None)[1]
+        assert final.startswith(shown), (part, shown)  # never shows what the final answer takes back
+
+
+def test_answer_length_and_stop_token_on_a_real_tokenizer():
+    from rcc.data import load_tokenizer
+
+    tok = load_tokenizer("embedded:smollm2")
+    ids = tok("Q?" + ASSISTANT + "42" + END + " more words", add_special_tokens=False).input_ids
+    n = CHATML.answer_length(tok, ids, "reconstruct")
+    assert n is not None and tok.decode(ids[:n]).endswith(END) and not CHATML.finished(tok.decode(ids[: n - 1]), "reconstruct")
+    assert CHATML.answer_length(tok, ids[: n - 1], "reconstruct") is None
+    assert tok.eos_token == END and CHATML.stop_token_id(tok, "reconstruct") is None
+    assert CHATML.stop_token_id(tok, "manual") == tok.eos_token_id
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +64,7 @@ def test_ask_compresses_what_the_mode_says(model, mode):
     tok = model.tokenizer
     text = "The lamp was lit in 1874 by Agnes Morrow."
     ans = model.ask(text, "When?", mode=mode, max_new_tokens=6)
-    to_compress, prompt = build(text, "When?", mode)
+    to_compress, prompt = CHATML.build(text, "When?", mode)
     mem = model.compress(tok(to_compress, add_special_tokens=False, return_tensors="pt").input_ids)
     ids = model.generate(mem, tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids, max_new_tokens=6)
     assert ans.token_ids == ids[0].tolist()[: len(ans.token_ids)]

@@ -155,13 +155,16 @@ def test_shared_copy_is_a_separate_module_over_the_same_tensors():
 
 
 def test_training_builds_one_backbone_unless_a_side_trains_in_full(tmp_path):
-    from rcc.train_model import build_model
-    from rcc.train_config import TrainConfig, nest_flat
+    from rcc.train.setup import build_model
+    from rcc.train.config import SECTION_OF, TrainConfig
 
-    def config(**flat):
-        flat = dict(train_data="unused", output_dir=str(tmp_path), max_steps=1, target_tokens=16, cue_min=2, cue_max=3,
-                    **flat)
-        return TrainConfig.from_dict(nest_flat(flat, warn=False))
+    def config(**options):
+        options = dict(train_data="unused", output_dir=str(tmp_path), max_steps=1, target_tokens=16, cue_min=2,
+                       cue_max=3, **options)
+        nested: dict = {}
+        for key, value in options.items():
+            nested.setdefault(SECTION_OF[key], {})[key] = value
+        return TrainConfig.from_dict(nested)
 
     base = tiny_backbone("llama")
     base.save_pretrained(str(tmp_path / "base"))
@@ -176,7 +179,7 @@ def test_training_builds_one_backbone_unless_a_side_trains_in_full(tmp_path):
 
 
 def test_bench_times_the_plain_forward_pass_over_rccs_windows():
-    from rcc.bench import format_table, measure, summarize
+    from rcc.bench.memory import format_table, measure, summarize
 
     model = tiny_rcc("llama", window=64, ratio=8)
     f = measure(model, "forward", 640, new_tokens=3, window_batch_size=2)

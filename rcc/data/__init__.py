@@ -1,4 +1,4 @@
-"""Training data (spec section 3), one module per concept:
+"""Training data (docs/method.md section 3), one module per concept:
 
 - :mod:`rcc.data.records`: reading records (JSONL, JSON lists, text files, saved
   and hub datasets) with exact error locations; :class:`DataReport`;
@@ -15,11 +15,11 @@ seed and ``i``, so the data position of a run is one integer and a resumed run
 sees exactly the batches an uninterrupted one would.
 """
 
-from .finetune import (FinetuneBatches, FinetuneExample, answer_token, load_examples, qa_fields, qa_texts,
+from rcc.data.finetune import (FinetuneBatches, FinetuneExample, answer_token, load_examples, qa_fields, qa_texts,
                        save_examples, split_examples)
-from .pretrain import PretrainBatches
-from .records import RECORD_SUFFIXES, TEXT_SUFFIXES, BadRecord, DataReport, iter_records
-from .tokens import (META_NAME, TOKENS_FORMAT, TokenFile, TokenWriter, load_tokenizer, prepare_data, token_dtype,
+from rcc.data.pretrain import PretrainBatches
+from rcc.data.records import RECORD_SUFFIXES, TEXT_SUFFIXES, BadRecord, DataReport, iter_records
+from rcc.data.tokens import (META_NAME, TOKENS_FORMAT, TokenFile, TokenWriter, load_tokenizer, prepare_data, token_dtype,
                      write_token_folder)
 
 __all__ = ["META_NAME", "RECORD_SUFFIXES", "TEXT_SUFFIXES", "TOKENS_FORMAT", "BadRecord", "DataReport",

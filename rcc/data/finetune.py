@@ -1,4 +1,4 @@
-"""Fine-tuning examples from QA records (spec section 2) and their micro-batches."""
+"""Fine-tuning examples from QA records (docs/method.md section 2) and their micro-batches."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import windows_for
-from ..errors import RCCError
-from ..io import atomic_save_file
-from ..prompts import ASSISTANT, build
-from ..windows import pad_to_windows, window_of
-from .records import BadRecord, DataReport, handle_bad_record, iter_records
+from rcc.config import windows_for
+from rcc.errors import RCCError
+from rcc.files import atomic_save_file
+from rcc.prompts import ASSISTANT, CHATML
+from rcc.windows import pad_to_windows, window_of
+from rcc.data.records import BadRecord, DataReport, handle_bad_record, iter_records
 
 
 @dataclass
@@ -106,14 +106,14 @@ def qa_fields(record: dict, where: str) -> tuple[str, str, str] | tuple[list, li
 
 
 def qa_texts(context: str, question: str, answer: str, mode: str, answer_suffix: str) -> tuple[str, str, str]:
-    """``(text to compress, decoder prompt, target)`` of one QA example (spec section 2).
+    """``(text to compress, decoder prompt, target)`` of one QA example (docs/method.md section 2).
 
     - reconstruct: compress context + question; prompt = header; target =
       question + assistant header + answer (the decoder writes the question back);
     - manual: compress the context; prompt = header + question + assistant
       header; target = answer.
     """
-    to_compress, prompt = build(context, question, mode)
+    to_compress, prompt = CHATML.build(context, question, mode)
     target = (question + ASSISTANT + answer if mode == "reconstruct" else answer) + answer_suffix
     return to_compress, prompt, target
 
@@ -188,7 +188,7 @@ def load_examples(sources, tokenizer, *, mode: str, window: int, max_windows: in
     Records whose text to compress needs more than ``max_windows`` windows or
     whose prompt + target exceed ``max_decoder_tokens`` are skipped and
     counted; texts shorter than one window are kept and, as at inference, tiled
-    to one window (spec section 1), and counted in the report's notes.
+    to one window (docs/method.md section 1), and counted in the report's notes.
 
     Args:
         mode: ``"reconstruct"``, ``"manual"`` or ``"mixed"`` (a seeded coin per record).

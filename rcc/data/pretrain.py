@@ -1,16 +1,16 @@
-"""Compression-pretraining micro-batches from a token file (spec section 3)."""
+"""Compression-pretraining micro-batches from a token file (docs/method.md section 3)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..errors import RCCError
-from .tokens import TokenFile
+from rcc.errors import RCCError
+from rcc.data.tokens import TokenFile
 
 
 class PretrainBatches(torch.utils.data.Dataset):
-    """Compression-pretraining micro-batches from a token file (spec section 3).
+    """Compression-pretraining micro-batches from a token file (docs/method.md section 3).
 
     Batch ``i`` draws c in [min_windows, max_windows] (one c per batch, so rows
     stack), then for each row an objective: with probability

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import RCCError
+from rcc.errors import RCCError
 
 log = logging.getLogger(__name__)
 

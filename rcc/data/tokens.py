@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RCCError
-from ..io import atomic_write_text
-from .records import (RECORD_SUFFIXES, TEXT_SUFFIXES, BadRecord, DataReport, files_under, handle_bad_record,
+from rcc.errors import RCCError
+from rcc.files import atomic_write_text
+from rcc.data.records import (RECORD_SUFFIXES, TEXT_SUFFIXES, BadRecord, DataReport, files_under, handle_bad_record,
                       is_saved_dataset, iter_records)
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def load_tokenizer(spec: str):
     """
     from transformers import AutoTokenizer
 
-    from ..backbones import EMBEDDED, embedded_smollm2_file
+    from rcc.backbones import EMBEDDED, embedded_smollm2_file
 
     try:
         if spec == EMBEDDED:  # the tokenizer alone, without dequantising the weights
@@ -340,44 +340,3 @@ def prepare_data(inputs: list[str], output: str | Path, tokenizer, *, text_field
     }
     atomic_write_text(output / META_NAME, json.dumps(meta, indent=2))
     return meta
-
-
-# ------------------------------------------------------- rcc prepare-data
-def add_arguments(p) -> None:
-    """``rcc prepare-data``'s options: the parameters of :func:`prepare_data` and :func:`load_tokenizer`."""
-    p.add_argument("inputs", nargs="+",
-                   help=".txt files (one document each), .jsonl/.json files, folders of them, a saved dataset "
-                        "folder, or hf:NAME[:CONFIG][@SPLIT]")
-    p.add_argument("-o", "--output", required=True, help="folder to write (train.bin/.idx, eval.bin/.idx, meta.json)")
-    p.add_argument("--tokenizer", required=True, help="hub id, folder or embedded:smollm2 (the model's tokenizer)")
-    p.add_argument("--text-field", default="text", help="field holding the text in JSON records (default text)")
-    p.add_argument("--eval-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
-    p.add_argument("--min-tokens", type=int, default=2048,
-                   help="skip documents with fewer tokens, e.g. one window (default 2048)")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="malformed records: stop with file:line (default) or skip and count them")
-    p.add_argument("--on-short", choices=("skip", "fail"), default="skip",
-                   help="documents under --min-tokens: skip and count them (default) or stop with file:line")
-    p.add_argument("--no-eos", action="store_true", help="do not append the EOS token to each document")
-    p.add_argument("--max-tokens", type=int, help="stop after about this many tokens (a slice of a large corpus)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
-    p.add_argument("--overwrite", action="store_true", help="replace prepared data in --output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def command(args) -> int:
-    """Tokenize text / JSONL / a Hugging Face dataset into a memory-mapped token folder."""
-    import sys
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    meta = prepare_data(args.inputs, args.output, tokenizer, text_field=args.text_field,
-                        eval_fraction=args.eval_fraction, min_tokens=args.min_tokens, on_error=args.on_error,
-                        on_short=args.on_short, append_eos=not args.no_eos, seed=args.seed,
-                        overwrite=args.overwrite, progress=not args.quiet, max_tokens=args.max_tokens)
-    splits = ", ".join(f"{k} {v['docs']} documents / {v['tokens']} tokens" for k, v in meta["splits"].items())
-    print(f"rcc: wrote {args.output} ({meta['dtype']}): {splits}", file=sys.stderr)
-    report = meta["report"]
-    for reason, n in report["skipped"].items():
-        shown = "; ".join(report["skipped_examples"][reason][:3])
-        print(f"rcc: skipped {n} {reason}: {shown}{' ...' if n > 3 else ''}", file=sys.stderr)
-    return 0

@@ -7,9 +7,8 @@ result; :mod:`rcc.eval.plot` draws it. Needs ``pip install 'rcc-llm[eval]'``
 for BLEU, ROUGE-L and plots.
 """
 
-from .config import EvalConfig, parse_depths, parse_length, parse_lengths
-from .runner import TASKS, format_table, run_eval, write_json
-from .task import Example, Prediction
+from rcc.eval.config import EvalConfig, parse_depths
+from rcc.eval.runner import TASKS, format_table, run_eval
+from rcc.eval.task import Example, Prediction
 
-__all__ = ["EvalConfig", "Example", "Prediction", "TASKS", "format_table", "parse_depths", "parse_length",
-           "parse_lengths", "run_eval", "write_json"]
+__all__ = ["EvalConfig", "Example", "Prediction", "TASKS", "format_table", "parse_depths", "run_eval"]

@@ -36,20 +36,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import adapters
-from ..errors import RCCError
-from ..hooks import cache_kwarg
-from ..ask import ask
-from ..prompts import ASSISTANT, END, HEADER, split_answer
-from .task import Prediction
+from rcc import adapters
+from rcc.errors import RCCError
+from rcc.hooks import cache_kwarg
+from rcc.ask import ask
+from rcc.prompts import ASSISTANT, CHATML, END, HEADER
+from rcc.eval.task import Prediction
 
 if TYPE_CHECKING:
-    from ..memory import CompressedContext
+    from rcc.memory import CompressedContext
 
 log = logging.getLogger(__name__)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -58,7 +58,7 @@ def stop_ids(tokenizer) -> set[int]:
     out = set()
     if tokenizer.eos_token_id is not None:
         out.add(int(tokenizer.eos_token_id))
-    end = _ids(tokenizer, END)
+    end = encode_text(tokenizer, END)
     if len(end) == 1:
         out.add(end[0])
     return out
@@ -99,8 +99,8 @@ def greedy(decoder, ids: list[int], max_new_tokens: int, stops: set[int] = froze
     return out
 
 
-def _answer_text(tokenizer, ids: list[int]) -> str:
-    return split_answer(tokenizer.decode(ids, skip_special_tokens=False), "manual", tokenizer.eos_token)[1]
+def answer_text(tokenizer, ids: list[int]) -> str:
+    return CHATML.split_answer(tokenizer.decode(ids, skip_special_tokens=False), "manual", tokenizer.eos_token)[1]
 
 
 def max_positions(decoder) -> int | None:
@@ -112,7 +112,7 @@ def max_positions(decoder) -> int | None:
 def continuation_prompt(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """The continuation prompt of a question sample as ``(context ids, prompt ids)``:
     the context, then ``"\\n\\n" + continuation`` (e.g. ``"What is the pass key? The pass key is"``)."""
-    return _ids(tokenizer, context), _ids(tokenizer, "\n\n" + continuation)
+    return encode_text(tokenizer, context), encode_text(tokenizer, "\n\n" + continuation)
 
 
 def continuation_answer(text: str, eos: str | None = None) -> str:
@@ -148,7 +148,7 @@ class RCCMethod:
 
     def answer(self, context: str, question: str, max_new_tokens: int, mode: str = "manual") -> Prediction:
         # reconstruct mode writes the question back first: the same answer budget on top of it
-        extra = len(_ids(self.model.tokenizer, question + ASSISTANT)) if mode == "reconstruct" else 0
+        extra = len(encode_text(self.model.tokenizer, question + ASSISTANT)) if mode == "reconstruct" else 0
         timing: dict = {}
 
         def compress(ids, prefix):
@@ -202,10 +202,10 @@ class _DecoderMethod:
             return greedy(self.decoder, ids, max_new_tokens, stops), {}
 
     def answer(self, context: str, question: str, max_new_tokens: int) -> Prediction:
-        pre, post = _ids(self.tokenizer, HEADER), _ids(self.tokenizer, "\n\n" + question + ASSISTANT)
-        ctx, info = self.select(_ids(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
+        pre, post = encode_text(self.tokenizer, HEADER), encode_text(self.tokenizer, "\n\n" + question + ASSISTANT)
+        ctx, info = self.select(encode_text(self.tokenizer, context), self._room(len(pre) + len(post), max_new_tokens))
         ids, extra = self.generate(pre + ctx + post, max_new_tokens, self.stops)
-        return Prediction(_answer_text(self.tokenizer, ids), ids, {**info, **extra})
+        return Prediction(answer_text(self.tokenizer, ids), ids, {**info, **extra})
 
     def continue_ids(self, context_ids: list[int], prompt_ids: list[int], max_new_tokens: int) -> Prediction:
         ctx, info = self.select(list(context_ids), self._room(len(prompt_ids), max_new_tokens))

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RCCError
+from rcc.errors import RCCError
 
 ENV_VAR = "RCC_KVPRESS_PYTHON"
 DEFAULT_PRESSES = ("snapkv", "expected_attention")  # what --baseline runs
@@ -110,7 +110,7 @@ def save_backbone(decoder, folder: str | Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..adapters import base_state
+    from rcc.adapters import base_state
 
     cfg = decoder.config.to_dict()
     for key in ("quantization_config", "transformers_version", "_name_or_path"):  # the GGUF's, not ours
@@ -134,7 +134,7 @@ class KVPressBaselines:
     """
 
     def __init__(self, decoder, tokenizer, specs: list[PressSpec], default_ratio: float, python: str | None = None):
-        from .baselines import FullContext
+        from rcc.eval.baselines import FullContext
 
         self.decoder, self.tokenizer = decoder, tokenizer
         self.specs = list(specs)
@@ -159,8 +159,8 @@ class KVPressBaselines:
         """Every (sample, prompt) laid out for the child as ``full`` lays it out
         (:class:`~rcc.eval.baselines.FullContext`); ``layout[key]`` says how to
         read its answer back: ``(example index, prompt or None, info)``."""
-        from ..prompts import ASSISTANT, HEADER
-        from .baselines import _ids, continuation_prompt, stop_ids
+        from rcc.prompts import ASSISTANT, HEADER
+        from rcc.eval.baselines import encode_text, continuation_prompt, stop_ids
 
         tok = self.tokenizer
         items, layout = [], {}
@@ -170,12 +170,12 @@ class KVPressBaselines:
                 items.append(item)
                 layout[ex.id] = (i, None, info)
                 continue
-            ctx = _ids(tok, ex.context)
+            ctx = encode_text(tok, ex.context)
             for prompt in prompts:
                 key = f"{ex.id}/{prompt}"
                 if prompt == "chat":
-                    post = _ids(tok, "\n\n" + ex.question + ASSISTANT)
-                    item, info = self.item(key, _ids(tok, HEADER), ctx, post, max_new_tokens, stop_ids(tok))
+                    post = encode_text(tok, "\n\n" + ex.question + ASSISTANT)
+                    item, info = self.item(key, encode_text(tok, HEADER), ctx, post, max_new_tokens, stop_ids(tok))
                 else:
                     post = continuation_prompt(tok, ex.context, ex.continuation)[1]
                     item, info = self.item(key, [], ctx, post, max_new_tokens, set())
@@ -185,12 +185,12 @@ class KVPressBaselines:
 
     def prediction(self, prompt: str | None, out: dict, info: dict):
         """The :class:`~rcc.eval.task.Prediction` of the child's output for one item."""
-        from .baselines import _answer_text, continuation_answer
-        from .task import Prediction
+        from rcc.eval.baselines import answer_text, continuation_answer
+        from rcc.eval.task import Prediction
 
         ids, tok = out["token_ids"], self.tokenizer
         if prompt == "chat":
-            text = _answer_text(tok, ids)
+            text = answer_text(tok, ids)
         elif prompt == "continuation":
             text = continuation_answer(tok.decode(ids), tok.eos_token)
         else:

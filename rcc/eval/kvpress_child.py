@@ -97,8 +97,8 @@ def run_presses(model, presses: dict, item: dict, separate: bool = False, alone:
     """
     from transformers import DynamicCache
 
-    from ..hooks import cache_kwarg, decoder_layers
-    from .baselines import greedy
+    from rcc.hooks import cache_kwarg, decoder_layers
+    from rcc.eval.baselines import greedy
 
     device = next(model.parameters()).device
     prefill = torch.tensor([list(item["prefill"])], device=device)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from ..io import write_json
+    from rcc.files import write_json
 
     transformers.utils.logging.disable_progress_bar()
     result: dict = {"versions": {"python": sys.version.split()[0], "torch": torch.__version__,

@@ -34,8 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import RCCError
-from .baselines import FullContext, max_positions
+from rcc.errors import RCCError
+from rcc.eval.baselines import FullContext, max_positions
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def find_python(explicit: str | None = None) -> tuple[str | None, str]:
 
 def gguf_of(model) -> tuple[Path | None, str]:
     """The GGUF file of ``model``'s decoder backbone: ``(path, "")`` or ``(None, why none)``."""
-    from ..backbones import EMBEDDED, embedded_smollm2_file
+    from rcc.backbones import EMBEDDED, embedded_smollm2_file
 
     source = getattr(model.config, "decoder_source", None)
     if source != EMBEDDED:
@@ -98,8 +98,7 @@ class LlamaCppChild:
 
     def __init__(self, python: str, gguf: str | Path, n_ctx: int, threads: int, env: dict | None = None):
         self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: llama.cpp's logs cannot block it
-        self.proc = subprocess.Popen([python, str(CHILD), "--gguf", str(gguf), "--n-ctx", str(n_ctx),
-                                      "--threads", str(threads)],
+        self.proc = subprocess.Popen([python, str(CHILD), str(gguf), str(n_ctx), str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                      text=True, env={**os.environ, **(env or {})})
         try:

@@ -4,7 +4,7 @@ It runs in the environment that has llama-cpp-python (``scripts/llamacpp_env.sh`
 makes ``.venv-llamacpp``) as a script, not a module, so that it imports the
 standard library, numpy and llama_cpp only (no torch: its RSS is llama.cpp's)::
 
-    python rcc/eval/llamacpp_child.py --gguf FILE --n-ctx N --threads T
+    python rcc/eval/llamacpp_child.py GGUF N_CTX THREADS
 
 It loads the GGUF (llama-cpp-python's defaults otherwise: weights as stored,
 memory-mapped; f16 KV cache; batches of 512), writes one JSON line
@@ -30,7 +30,6 @@ child goes on. End of input ends it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -199,29 +198,31 @@ def _send(obj: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="llama.cpp greedy decoding on token ids, JSON lines on stdin/stdout")
-    p.add_argument("--gguf", required=True)
-    p.add_argument("--n-ctx", type=int, required=True)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = p.parse_args(argv)
+    """``python llamacpp_child.py GGUF N_CTX THREADS``: llama.cpp greedy decoding on token ids,
+    JSON lines on stdin/stdout."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or not all(a.isdigit() for a in argv[1:]):
+        print("usage: python llamacpp_child.py GGUF N_CTX THREADS", file=sys.stderr)
+        return 2
+    gguf, n_ctx, threads = argv[0], int(argv[1]), int(argv[2])
     global _OUT
     # llama.cpp's C code may print to file descriptor 1: keep the protocol on a copy of it
     _OUT = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    if not os.path.isfile(args.gguf):
-        _send({"error": f"{args.gguf}: no such GGUF file"})
+    if not os.path.isfile(gguf):
+        _send({"error": f"{gguf}: no such GGUF file"})
         return 2
-    if args.n_ctx < 1 or args.threads < 1:
-        _send({"error": "--n-ctx and --threads must be at least 1"})
+    if n_ctx < 1 or threads < 1:
+        _send({"error": "N_CTX and THREADS must be at least 1"})
         return 2
     try:
-        engine = Engine(args.gguf, args.n_ctx, args.threads)
+        engine = Engine(gguf, n_ctx, threads)
     except ImportError as err:
         _send({"error": f"llama_cpp does not import here ({_one_line(err)}); make the environment with "
                         "bash scripts/llamacpp_env.sh"})
         return 2
     except Exception as err:  # llama.cpp refused the file
-        _send({"error": f"llama.cpp cannot load {args.gguf}: {_one_line(err)}"})
+        _send({"error": f"llama.cpp cannot load {gguf}: {_one_line(err)}"})
         return 2
     _send(engine.info())
     for line in sys.stdin:

@@ -18,7 +18,7 @@ import re
 import string
 from collections.abc import Sequence
 
-from ..errors import RCCError
+from rcc.errors import RCCError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)

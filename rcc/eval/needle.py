@@ -1,6 +1,6 @@
 """Needle in a haystack: a user's needle sentence hidden at a chosen depth of a
 user's text, then a question about it (``rcc eval needle``). The haystack is
-built by :func:`rcc.haystack.build_haystack`, shared with the pass-key task,
+built by :func:`rcc.data.haystack.build_haystack`, shared with the pass-key task,
 ``rcc synth`` and ``rcc bench``.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from ..haystack import Haystack, build_haystack, split_sentences  # noqa: F401  (re-exported)
-from ..io import read_text
-from . import metrics
-from .config import EvalConfig
-from .task import Example, Prediction
+from rcc.data.haystack import build_haystack, split_sentences
+from rcc.files import read_text
+from rcc.eval import metrics
+from rcc.eval.config import EvalConfig
+from rcc.eval.task import Example, Prediction
 
 log = logging.getLogger(__name__)
 

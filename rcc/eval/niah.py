@@ -1,7 +1,7 @@
 """Needle in a haystack with values of any shape (``rcc eval niah``), as the standard
 long-context suite's single- and multi-key tasks pose it (RULER, Hsieh et al. 2024: "One of the
 special magic numbers for {key} is: {value}." in repeated filler sentences), and beyond its
-7-digit numbers: the value can be any shape :func:`rcc.synth.shaped_value` makes (a UUID, a hex
+7-digit numbers: the value can be any shape :func:`rcc.data.synth.shaped_value` makes (a UUID, a hex
 string, a word, a phrase, a name, a date, a number of 1 to 12 digits).
 
 A sample hides ``keys`` labelled needles (one asked, the others distractors with values of the
@@ -15,12 +15,12 @@ Cells: ``shape@length`` x depth. ``accuracy`` is an exact copy (:func:`rcc.eval.
 
 from __future__ import annotations
 
-from ..haystack import build_haystack, split_sentences
-from ..io import read_text
-from ..synth import shaped_value
-from . import metrics
-from .config import NIAH_MAX_KEYS, NIAH_SHAPES, EvalConfig
-from .task import Example, Prediction
+from rcc.data.haystack import build_haystack, split_sentences
+from rcc.files import read_text
+from rcc.data.synth import shaped_value
+from rcc.eval import metrics
+from rcc.eval.config import NIAH_MAX_KEYS, NIAH_SHAPES, EvalConfig
+from rcc.eval.task import Example, Prediction
 
 NAME = "niah"
 GROUP_BY = ("cell", "depth")

@@ -13,10 +13,10 @@ the chat template.
 
 from __future__ import annotations
 
-from ..haystack import PASSKEY_FILLER, PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_haystack
-from . import metrics
-from .config import EvalConfig
-from .task import Example, Prediction
+from rcc.data.haystack import PASSKEY_FILLER, PASSKEY_INSTRUCTION, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_haystack
+from rcc.eval import metrics
+from rcc.eval.config import EvalConfig
+from rcc.eval.task import Example, Prediction
 
 NAME = "passkey"
 GROUP_BY = ("length", "depth")

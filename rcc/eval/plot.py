@@ -1,46 +1,17 @@
-"""Pictures of results (matplotlib, no display needed): the length x depth
-heat-map of retrieval tasks, a metric by context length, and the memory
-figure of ``rcc bench`` in the style of the original README's."""
+"""Pictures of evaluation results (matplotlib, no display needed): the length x
+depth heat-map of retrieval tasks and a metric by context length."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import RCCError
-
-
-def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        raise RCCError("plots need matplotlib: pip install 'rcc-llm[eval]' (or pass --no-plot)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def tokens_label(n: int) -> str:
-    """4096 -> "4k", 1048576 -> "1m", 1500 -> "1500"."""
-    for unit, size in (("m", 1 << 20), ("k", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    tmp.replace(path)
-    return path
+from rcc.report import pyplot, save_figure, tokens_label
 
 
 def heatmap(result: dict, path, metric: str | None = None) -> Path:
     """One panel per method: ``metric`` (default: the headline) by context
     length (x) and needle depth (y), 0..1."""
-    plt = _plt()
+    plt = pyplot()
     metric = metric or result["metrics"][0]
     summary = result["summary"]
     lengths = sorted({g["length"] for e in summary.values() for g in e["groups"]})
@@ -67,14 +38,14 @@ def heatmap(result: dict, path, metric: str | None = None) -> Path:
     model = result.get("model", {})
     fig.suptitle(f"{result['task']}: {metric}" + ("" if model.get("trained", True) else " (UNTRAINED model)"),
                  fontsize=11)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
 
 def by_length(result: dict, path, metric: str | None = None) -> Path:
     """``metric`` by context length, one line per method."""
-    plt = _plt()
+    plt = pyplot()
     metric = metric or result["metrics"][0]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, entry in result["summary"].items():
@@ -88,7 +59,7 @@ def by_length(result: dict, path, metric: str | None = None) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"{result['task']}: {metric}" + ("" if result.get("model", {}).get("trained", True) else " (UNTRAINED)"))
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -100,27 +71,3 @@ def plot_result(result: dict, path) -> Path | None:
     if result["group_by"] == ["length"]:
         return by_length(result, path)
     return None
-
-
-def bench_memory(result: dict, path) -> Path:
-    """Peak memory (MiB) by context length for RCC and the uncompressed backbone."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for kind, label, style in (("backbone", "uncompressed backbone", "s-"), ("rcc", "RCC", "o-")):
-        pts = sorted((p["length"], p["peak_mib"]) for p in result["points"] if p["kind"] == kind and p.get("ok"))
-        if pts:
-            slope = result["summary"].get(kind, {}).get("slope_mib_per_1k")
-            extra = f" ({slope:.2f} MiB / 1k tokens)" if slope is not None else ""
-            ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label + extra)
-    lengths = sorted({p["length"] for p in result["points"]})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [tokens_label(x) for x in lengths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(f"peak memory (MiB, {result['memory_measure']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    m = result.get("model", {})
-    ax.set_title(f"{m.get('spec')}: window {m.get('window')}, ratio {m.get('ratio')}, {result.get('device')}")
-    out = _save(fig, path)
-    plt.close(fig)
-    return out

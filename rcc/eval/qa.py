@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import RCCError
-from . import metrics
-from .config import EvalConfig
-from .task import Example, Prediction
+from rcc.errors import RCCError
+from rcc.eval import metrics
+from rcc.eval.config import EvalConfig
+from rcc.eval.task import Example, Prediction
 
 NAME = "qa"
 GROUP_BY: tuple[str, ...] = ()

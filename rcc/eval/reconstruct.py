@@ -1,6 +1,6 @@
 """Reconstruction (``rcc eval reconstruct``): compress a stretch of held-out
 text, give the decoder the first ``cue_tokens`` of a span of it and ask it to
-write the next ``target_tokens`` (the stage-1 objective, spec section 3: a
+write the next ``target_tokens`` (the stage-1 objective, docs/method.md section 3: a
 span copied from the encoded text, its first 10-20 tokens act as a cue).
 Scored by BLEU-4 (sacrebleu) of the decoded text and by the exact-prefix
 length in tokens, by context length.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import RCCError
-from ..io import read_text
-from . import metrics
-from .config import EvalConfig
-from .task import Example, Prediction
+from rcc.errors import RCCError
+from rcc.files import read_text
+from rcc.eval import metrics
+from rcc.eval.config import EvalConfig
+from rcc.eval.task import Example, Prediction
 
 log = logging.getLogger(__name__)
 

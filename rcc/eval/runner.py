@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import datetime
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
-from ..adapters import has_lora
-from ..errors import RCCError
-from ..io import render_table, versions, write_json
-from ..prompts import MODES
-from . import baselines, needle, niah, passkey, qa, reconstruct
-from .metrics import wilson_interval
-from .config import EvalConfig
-from .kvpress import KVPressBaselines, parse_spec
-from .llamacpp import LlamaCppMethod
-from .task import Example, Prediction
+from rcc.adapters import has_lora
+from rcc.errors import RCCError
+from rcc.files import write_json
+from rcc.report import render_table, versions
+from rcc.prompts import MODES
+from rcc.eval import baselines, needle, niah, passkey, qa, reconstruct
+from rcc.eval.metrics import wilson_interval
+from rcc.eval.config import EvalConfig
+from rcc.eval.kvpress import KVPressBaselines, parse_spec
+from rcc.eval.llamacpp import LlamaCppMethod
+from rcc.eval.task import Example, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -347,22 +347,3 @@ def format_table(result: dict) -> str:
     if result.get("notes"):
         text += "\n" + "\n".join(f"note: {n}" for n in result["notes"])
     return text
-
-
-def command(args, load: Callable) -> int:
-    """``rcc eval TASK``: run a task on RCC (and, with --baseline, the baselines); write JSON (+ PNG),
-    print a table. ``load(args) -> (model, device)`` loads the model the options name (the CLI's)."""
-    from .plot import plot_result
-
-    cfg = EvalConfig.from_args(args)  # validate before the (slow) model load
-    model, _device_name = load(args)
-    output = Path(args.output or f"runs/eval-{args.task}.json")
-    say = None if args.quiet else (lambda line: print(f"rcc: {line}", file=sys.stderr))
-    result = run_eval(model, cfg, output=output, model_spec=args.model, progress=say)
-    print(format_table(result))
-    print(f"rcc: wrote {output}", file=sys.stderr)
-    if not args.no_plot:
-        png = plot_result(result, args.plot or output.with_suffix(".png"))
-        if png is not None:
-            print(f"rcc: wrote {png}", file=sys.stderr)
-    return 0

@@ -5,13 +5,14 @@ once and answers many questions about it, for many clients.
 - :mod:`.store`: memory files on disk plus a SQLite index, surviving restarts;
 - :mod:`.engine`: one worker thread that owns the model: compression jobs,
   batched questions over one shared memory, an LRU of loaded memories;
-- :mod:`.app`: the FastAPI routes (validate, call the engine, serialise);
+- :mod:`.vllm_engine`: the same engine with the decoder in vLLM (``--engine vllm``; :mod:`rcc.vllm`);
+- :mod:`.app`: the FastAPI app, one router per area (validate, call the engine, serialise);
 - ``page.html``: the web page at ``/``.
 
 Nothing here is imported by the library; FastAPI and uvicorn (the ``serve``
 extra) are imported only when a server is built.
 """
 
-from .config import ServeConfig
+from rcc.serve.config import ServeConfig
 
 __all__ = ["ServeConfig"]

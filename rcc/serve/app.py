@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -26,11 +26,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import RCCError
-from ..generation import check_max_new_tokens, check_sampling, sampling
-from ..prompts import default_mode
-from .engine import Engine, Question, ServeError, Sink
-from .guard import BodyTooLarge, Guard, error_body
+from rcc.errors import RCCError
+from rcc.generation import check_max_new_tokens, generation_options
+from rcc.prompts import default_mode
+from rcc.serve.engine import Engine, Question, ServeError, Sink
+from rcc.serve.guard import BodyTooLarge, Guard, error_body
 
 PAGE = Path(__file__).with_name("page.html")
 #: the page and the API page: scripts, styles and connections from this server only, never framed
@@ -120,9 +120,9 @@ class ContextBody(BaseModel):
 
 def create_app(engine: Engine) -> FastAPI:
     """The FastAPI app over a started engine, inside its :class:`~.guard.Guard` (and
-    CORS when ``cors_origins`` are configured)."""
+    CORS when ``cors_origins`` are configured): one router per area (the pages, the
+    service routes, contexts, questions) and one error shape for every error."""
     cfg = engine.cfg
-    model_name = Path(str(cfg.model)).name or str(cfg.model)
     app = FastAPI(title="rcc serve", version="1", docs_url=None, redoc_url=None)
     app.state.engine = engine
     if cfg.cors_origins:
@@ -141,45 +141,52 @@ def create_app(engine: Engine) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+    for kind, handler in ((ServeError, _serve_error), (RCCError, _rcc_error), (RequestValidationError, _validation),
+                          (StarletteHTTPException, _http)):
+        app.add_exception_handler(kind, handler)
+    for router in (pages_router(), service_router(engine), contexts_router(engine), questions_router(engine)):
+        app.include_router(router)
+    return app
 
-    # ------------------------------------------------------------ errors
-    @app.exception_handler(ServeError)
-    async def _serve_error(request, err: ServeError):
-        return _error(err.status, str(err))
 
-    @app.exception_handler(RCCError)
-    async def _rcc_error(request, err: RCCError):
-        return _error(422, str(err))
+# ------------------------------------------------------------ errors
+async def _serve_error(request, err: ServeError):
+    return _error(err.status, str(err))
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, err: RequestValidationError):
-        parts = []
-        for e in err.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where or 'body'}: {e.get('msg')}")
-        return _error(422, "bad request: " + "; ".join(parts[:8]) + "; see GET /docs for the fields")
+async def _rcc_error(request, err: RCCError):
+    return _error(422, str(err))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, err: StarletteHTTPException):
-        if err.status_code == 404:
-            return _error(404, f"no route {request.method} {request.url.path}; see GET /docs for the API")
-        return _error(err.status_code, str(err.detail))
+async def _validation(request, err: RequestValidationError):
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {e.get('msg')}")
+    return _error(422, "bad request: " + "; ".join(parts[:8]) + "; see GET /docs for the fields")
 
-    # -------------------------------------------------------------- misc
-    @app.get("/", include_in_schema=False)
+async def _http(request, err: StarletteHTTPException):
+    if err.status_code == 404:
+        return _error(404, f"no route {request.method} {request.url.path}; see GET /docs for the API")
+    return _error(err.status_code, str(err.detail))
+
+
+# ------------------------------------------------------------ routers
+def pages_router() -> APIRouter:
+    """``/``: the web page; ``/docs``: the API page (offline Swagger UI)."""
+    router = APIRouter()
+    swagger = swagger_ui_folder()
+
+    @router.get("/", include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_CSP})
 
-    swagger = swagger_ui_folder()
-
-    @app.get("/docs", include_in_schema=False)
+    @router.get("/docs", include_in_schema=False)
     async def docs():
         if swagger is None:
             raise ServeError(404, "the API page needs the fastapi-offline package (pip install "
                                   "'rcc-llm[serve]'); the schema itself is at GET /openapi.json")
         return HTMLResponse(DOCS_PAGE, headers={"Content-Security-Policy": DOCS_CSP})
 
-    @app.get("/docs/{name}", include_in_schema=False)
+    @router.get("/docs/{name}", include_in_schema=False)
     async def docs_asset(name: str):
         """The API page's files, from the fastapi-offline package (nothing from the network)."""
         if name == "init.js":
@@ -189,102 +196,73 @@ def create_app(engine: Engine) -> FastAPI:
         return Response((swagger / name).read_bytes(), media_type=DOCS_ASSETS[name],
                         headers={"Cache-Control": "max-age=86400"})
 
-    @app.get("/health")
+    return router
+
+
+def service_router(engine: Engine) -> APIRouter:
+    """``/health``, ``/metrics`` (Prometheus) and ``/v1/models``."""
+    router = APIRouter()
+    cfg = engine.cfg
+    model_name = served_name(cfg)
+
+    @router.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "model_id": engine.model_id,
                 "queue_depth": engine.queue_depth(), "auth": bool(cfg.api_key)}
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics():
         return PlainTextResponse(engine.metrics.render(engine.gauges()), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "rcc",
                                             "created": 0, "window": engine.model.config.window,
                                             "ratio": engine.model.config.ratio}]}
 
-    # ---------------------------------------------------------- contexts
-    @app.post("/v1/contexts", status_code=202)
+    return router
+
+
+def contexts_router(engine: Engine) -> APIRouter:
+    """``/v1/contexts``: add (compress), list, show and delete documents."""
+    router = APIRouter()
+    cfg = engine.cfg
+
+    @router.post("/v1/contexts", status_code=202)
     async def add_context(request: Request):
         text, name = await _read_document(request, cfg)
         row, created = await run_in_threadpool(engine.add_context, text, name)
         return JSONResponse(_view(row), status_code=202 if created else 200)
 
-    @app.get("/v1/contexts")
+    @router.get("/v1/contexts")
     async def list_contexts():
         return {"object": "list", "data": [_view(r) for r in engine.store.list()]}
 
-    @app.get("/v1/contexts/{cid}")
+    @router.get("/v1/contexts/{cid}")
     async def get_context(cid: str):
         row = engine.store.get(cid)
         if row is None:
             raise ServeError(404, f"no context {cid}; list them with GET /v1/contexts")
         return _view(row)
 
-    @app.delete("/v1/contexts/{cid}")
+    @router.delete("/v1/contexts/{cid}")
     async def delete_context(cid: str):
         await run_in_threadpool(engine.delete_context, cid)
         return {"id": cid, "object": "context", "deleted": True}
 
-    # --------------------------------------------------------- questions
-    def options(body: Generation) -> tuple:
-        """The request's checked generation options, as the engine batches them.
+    return router
 
-        Raises:
-            ServeError: 413 past a stop-string limit; RCCError (422) for a value out of range.
-        """
-        check_sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty, name=str)
-        for field in ("presence_penalty", "frequency_penalty"):
-            value = getattr(body, field, None)
-            if value is not None and not (math.isfinite(value) and -2 <= value <= 2):
-                raise ServeError(422, f"{field} {value!r}: must be in [-2, 2]")
-            if value:
-                raise ServeError(422, f"{field} is not supported by this server (only 0); use repetition_penalty")
-        opts = sampling(False, body.temperature, body.top_p, body.top_k)
-        if body.repetition_penalty is not None:
-            opts["repetition_penalty"] = body.repetition_penalty
-        stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if len(stops) > cfg.max_stop_strings:
-            raise ServeError(413, f"{len(stops)} stop strings, over this server's limit of {cfg.max_stop_strings} "
-                                  "(--max-stop-strings)")
-        for stop in stops:
-            if not stop:
-                raise ServeError(422, "stop: a stop string must not be empty")
-            if len(stop) > cfg.max_stop_chars:
-                raise ServeError(413, f"a stop string of {len(stop)} characters, over this server's limit of "
-                                      f"{cfg.max_stop_chars} (--max-stop-chars)")
-            _check_unicode("stop", stop)
-        if stops:
-            opts["stop"] = stops
-        return tuple(sorted(opts.items()))
 
-    async def question(cid: str, text: str, mode: str | None, body: Generation) -> Question:
-        budget = body.max_tokens if body.max_tokens is not None else getattr(body, "max_completion_tokens", None)
-        budget = 128 if budget is None else budget
-        check_max_new_tokens(budget, name=lambda _: "max_tokens")
-        if budget > cfg.max_new_tokens:
-            raise ServeError(422, f"max_tokens {budget} is over this server's limit of {cfg.max_new_tokens}; "
-                                  "ask for fewer")
-        opts = options(body)
-        if not text.strip():
-            raise ServeError(422, "the question is empty; ask something")
-        _check_unicode("the question", text)
-        n = await run_in_threadpool(lambda: len(engine.tok(text, add_special_tokens=False).input_ids))
-        if n > cfg.max_question_tokens:
-            raise ServeError(413, f"the question has {n} tokens, over this server's limit of "
-                                  f"{cfg.max_question_tokens} (--max-question-tokens); shorten it, or put the long "
-                                  "part in the document")
-        return Question(context=cid, text=text, mode=mode or default_mode(engine.model), max_new_tokens=budget,
-                        options=opts, sink=Sink(asyncio.get_running_loop()), stream=body.stream)
+def questions_router(engine: Engine) -> APIRouter:
+    """``/v1/contexts/{id}/ask`` and the OpenAI-compatible ``/v1/chat/completions``."""
+    router = APIRouter()
+    cfg = engine.cfg
+    model_name = served_name(cfg)
 
-    async def submit(q: Question) -> None:
-        await run_in_threadpool(engine.submit, q)
-
-    @app.post("/v1/contexts/{cid}/ask")
+    @router.post("/v1/contexts/{cid}/ask")
     async def ask(cid: str, body: AskBody, request: Request):
-        q = await question(cid, body.question, body.mode, body)
-        await submit(q)
+        q = await make_question(engine, cid, body.question, body.mode, body)
+        await run_in_threadpool(engine.submit, q)
         if not q.stream:
             result = await _result(q, request)
             return {"id": cid, "object": "answer", **result}
@@ -300,7 +278,7 @@ def create_app(engine: Engine) -> FastAPI:
 
         return _Stream(events(), q)
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         if len(body.messages) > cfg.max_messages:
             raise ServeError(413, f"{len(body.messages)} messages, over this server's limit of {cfg.max_messages} "
@@ -325,8 +303,8 @@ def create_app(engine: Engine) -> FastAPI:
                     raise ServeError(422, f"messages: content part {i} (type 'text') has no 'text' string")
                 texts.append(part.text)
             content = "".join(texts)
-        q = await question(body.context_id, content or "", body.mode, body)
-        await submit(q)
+        q = await make_question(engine, body.context_id, content or "", body.mode, body)
+        await run_in_threadpool(engine.submit, q)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not q.stream:
             r = await _result(q, request)
@@ -353,7 +331,69 @@ def create_app(engine: Engine) -> FastAPI:
 
         return _Stream(events(), q)
 
-    return app
+    return router
+
+
+def served_name(cfg) -> str:
+    """The model's name in the API: its folder's name (or the spec as given)."""
+    return Path(str(cfg.model)).name or str(cfg.model)
+
+
+def request_options(body: Generation, cfg) -> tuple:
+    """The request's checked generation options, as the engine batches them.
+
+    Raises:
+        ServeError: 413 past a stop-string limit; RCCError (422) for a value out of range.
+    """
+    for field in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, field, None)
+        if value is not None and not (math.isfinite(value) and -2 <= value <= 2):
+            raise ServeError(422, f"{field} {value!r}: must be in [-2, 2]")
+        if value:
+            raise ServeError(422, f"{field} is not supported by this server (only 0); use repetition_penalty")
+    opts = generation_options(None, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                              repetition_penalty=body.repetition_penalty, name=str)
+    del opts["max_new_tokens"]  # the question's budget, checked on its own
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stops) > cfg.max_stop_strings:
+        raise ServeError(413, f"{len(stops)} stop strings, over this server's limit of {cfg.max_stop_strings} "
+                              "(--max-stop-strings)")
+    for stop in stops:
+        if not stop:
+            raise ServeError(422, "stop: a stop string must not be empty")
+        if len(stop) > cfg.max_stop_chars:
+            raise ServeError(413, f"a stop string of {len(stop)} characters, over this server's limit of "
+                                  f"{cfg.max_stop_chars} (--max-stop-chars)")
+        _check_unicode("stop", stop)
+    if stops:
+        opts["stop"] = stops
+    return tuple(sorted(opts.items()))
+
+
+async def make_question(engine: Engine, cid: str, text: str, mode: str | None, body: Generation) -> Question:
+    """The checked :class:`~.engine.Question` of a request (budget, options, text, length).
+
+    Raises:
+        ServeError: 413 past a limit, 422 for a bad value.
+    """
+    cfg = engine.cfg
+    budget = body.max_tokens if body.max_tokens is not None else getattr(body, "max_completion_tokens", None)
+    budget = 128 if budget is None else budget
+    check_max_new_tokens(budget, name=lambda _: "max_tokens")
+    if budget > cfg.max_new_tokens:
+        raise ServeError(422, f"max_tokens {budget} is over this server's limit of {cfg.max_new_tokens}; "
+                              "ask for fewer")
+    opts = request_options(body, cfg)
+    if not text.strip():
+        raise ServeError(422, "the question is empty; ask something")
+    _check_unicode("the question", text)
+    n = await run_in_threadpool(lambda: len(engine.tok(text, add_special_tokens=False).input_ids))
+    if n > cfg.max_question_tokens:
+        raise ServeError(413, f"the question has {n} tokens, over this server's limit of "
+                              f"{cfg.max_question_tokens} (--max-question-tokens); shorten it, or put the long "
+                              "part in the document")
+    return Question(context=cid, text=text, mode=mode or default_mode(engine.model), max_new_tokens=budget,
+                    options=opts, sink=Sink(asyncio.get_running_loop()), stream=body.stream)
 
 
 class _Stream(StreamingResponse):
@@ -489,12 +529,12 @@ def serve(cfg) -> None:
     """Lock the store, load the model, recover the store, and serve until interrupted."""
     import uvicorn
 
-    from .connections import protocol_class
+    from rcc.serve.connections import protocol_class
 
     if cfg.engine == "vllm":
-        from ..vllm.engine import load_vllm_engine as load_engine
+        from rcc.serve.vllm_engine import load_vllm_engine as load_engine
     else:
-        from .engine import load_engine
+        from rcc.serve.engine import load_engine
 
     engine = load_engine(cfg).start()
     app = create_app(engine)

@@ -11,16 +11,16 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bundled import DEFAULT_MODEL
-from ..cache import cache_root
-from ..errors import RCCError
+from rcc.bundled import DEFAULT_MODEL
+from rcc.files import cache_root
+from rcc.errors import RCCError
 
 ENGINES = ("transformers", "vllm")
 LOOPBACK_NAMES = ("localhost",)
 
 
 def default_store() -> str:
-    """``serve`` in the cache folder (:func:`rcc.cache.cache_root`: ``~/.cache/rcc/serve``)."""
+    """``serve`` in the cache folder (:func:`rcc.files.cache_root`: ``~/.cache/rcc/serve``)."""
     return str(cache_root() / "serve")
 
 
@@ -79,7 +79,7 @@ class ServeConfig:
             served between steps, so a long compression does not starve them).
         device, dtype: as the CLI's (``auto``: CUDA + bfloat16 when present).
         engine: ``transformers`` (this process runs the decoder) or ``vllm`` (the decoder
-            runs in vLLM, rcc/vllm/engine.py; needs ``bash scripts/vllm_env.sh``).
+            runs in vLLM, rcc/serve/vllm_engine.py; needs ``bash scripts/vllm_env.sh``).
         max_model_len: vLLM's longest sequence, slots + prompt + answer (default: the
             decoder's ``max_position_embeddings``); longer contexts get 413.
     """

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..errors import RCCError
-from ..memory import CompressedContext
-from ..ask import AnswerDone
-from ..prompts import ASSISTANT, END, build, split_answer
-from .config import ServeConfig
-from .metrics import Metrics
-from .store import Store, context_id
+from rcc.errors import RCCError
+from rcc.memory import CompressedContext
+from rcc.ask import AnswerDone
+from rcc.prompts import CHATML
+from rcc.serve.config import ServeConfig
+from rcc.serve.metrics import Metrics
+from rcc.serve.store import Store, context_id
 
 log = logging.getLogger(__name__)
 
@@ -136,52 +136,6 @@ class MemoryCache:
         return len(self._items)
 
 
-def answer_part(text: str, mode: str) -> str | None:
-    """The answer in a generation so far: after the assistant header in reconstruct
-    mode (None before it), the whole text in manual mode."""
-    if mode == "reconstruct":
-        head = text.find(ASSISTANT)
-        return None if head < 0 else text[head + len(ASSISTANT):]
-    return text
-
-
-def visible_answer(text: str, mode: str, eos: str | None, stops: tuple[str, ...] = ()) -> str:
-    """The part of a generation so far that is surely answer text: after the
-    assistant header (reconstruct mode), before any stop marker or stop string,
-    never a marker's or stop string's first characters or a half-decoded character,
-    stripped like :func:`rcc.prompts.split_answer` strips the final answer."""
-    text = answer_part(text, mode)
-    if text is None:
-        return ""
-    cut = len(text)
-    for stop in (END, eos, *stops):
-        if not stop:
-            continue
-        i = text.find(stop)
-        if i >= 0:
-            cut = min(cut, i)
-            continue
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                cut = min(cut, len(text) - k)
-                break
-    return text[:cut].rstrip("\ufffd").strip()
-
-
-def cut_at_stops(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """``(answer before its first stop string, whether one was there)``; the stop
-    string itself is left out, as in the OpenAI API and vLLM."""
-    hits = [i for i in (answer.find(s) for s in stops) if i >= 0]
-    return (answer[:min(hits)].strip(), True) if hits else (answer, False)
-
-
-def _finished(text: str, mode: str, eos: str | None, stops: tuple[str, ...] = ()) -> bool:
-    text = answer_part(text, mode)
-    if text is None:
-        return False
-    return END in text or bool(eos and eos in text) or any(s in text for s in stops)
-
-
 class RowStops(StoppingCriteria):
     """Ends a row of a batch whose question was cancelled or whose answer holds one of
     the stop strings, and counts the tokens sampled for rows still running.
@@ -209,7 +163,7 @@ class RowStops(StoppingCriteria):
                 self.done[i] = True
                 continue
             if self.stops:
-                text = answer_part(self.tok.decode(input_ids[i, self.start:], skip_special_tokens=False), self.mode)
+                text = CHATML.answer_part(self.tok.decode(input_ids[i, self.start:], skip_special_tokens=False), self.mode)
                 if text is not None:
                     tail = text[max(0, self.seen[i] - self.longest - 4):]  # 4: half-decoded characters
                     self.done[i] = any(s in tail for s in self.stops)
@@ -234,7 +188,7 @@ class _RowStreamer:
         for i, sink in enumerate(self.sinks):
             self.ids[i].extend(value[i].tolist())
             if sink is not None:
-                self.flush(i, visible_answer(self.tok.decode(self.ids[i], skip_special_tokens=False), self.mode,
+                self.flush(i, CHATML.visible_answer(self.tok.decode(self.ids[i], skip_special_tokens=False), self.mode,
                                              self.tok.eos_token, self.stops))
 
     def flush(self, i: int, text: str) -> None:
@@ -331,7 +285,7 @@ class Engine:
         except RCCError as err:
             raise ServeError(413, str(err)) from None
 
-    # the memory a context is kept as (the vLLM engine keeps the slots instead, rcc/vllm/engine.py)
+    # the memory a context is kept as (the vLLM engine keeps the slots instead, rcc/serve/vllm_engine.py)
     def _make_memory(self, ids, progress=None, prefix=None):
         return self.model.compress(ids, window_batch_size=self.cfg.window_batch_size, progress=progress, prefix=prefix)
 
@@ -472,13 +426,13 @@ class Engine:
         """One ``generate`` call for questions sharing a memory (``batch_size`` 1) or
         each with its own (``batch_size == len(qs)``)."""
         tok = self.tok
-        rows = [tok(build("", q.text, mode)[1], add_special_tokens=False).input_ids for q in qs]
+        rows = [tok(CHATML.build("", q.text, mode)[1], add_special_tokens=False).input_ids for q in qs]
         m = max(map(len, rows))
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         ids = torch.tensor([[pad] * (m - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (m - len(r)) + [1] * len(r) for r in rows])
         eos = tok.eos_token
-        eos_id = None if (mode == "reconstruct" and eos == END) else tok.eos_token_id
+        eos_id = CHATML.stop_token_id(tok, mode)
         stops = qs[0].stops
         rows_done = RowStops(tok, memory.num_slots + m, mode, qs, self.metrics)
         criteria = StoppingCriteriaList([AnswerDone(tok, memory.num_slots + m, mode), rows_done])
@@ -493,8 +447,7 @@ class Engine:
                 self.metrics.add("cancelled_questions")
                 continue
             text = tok.decode(out[i].tolist(), skip_special_tokens=False)
-            question_back, answer = split_answer(text, mode, eos)
-            answer, stopped = cut_at_stops(answer, stops)
+            question_back, answer = CHATML.split_answer(text, mode, eos, stops)
             if q.stream:
                 streamer.flush(i, answer)
             n_answer = len(tok(answer, add_special_tokens=False).input_ids)
@@ -504,7 +457,7 @@ class Engine:
                 "answer": answer,
                 "reconstructed_question": question_back,
                 "mode": mode,
-                "finish_reason": "stop" if stopped or _finished(text, mode, eos) else "length",
+                "finish_reason": "stop" if CHATML.finished(text, mode, eos, stops) else "length",
                 "prompt_tokens": len(rows[i]),
                 "completion_tokens": n_answer,
                 "slots": memory.num_slots,
@@ -581,7 +534,7 @@ def load_serve_model(cfg: ServeConfig):
     Raises:
         RCCError: for a device that is not here, or a model that cannot be loaded.
     """
-    from ..loading import load_model, resolve_dtype
+    from rcc.loading import load_model, resolve_dtype
 
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .config import is_loopback
-from .engine import internal_error
+from rcc.serve.config import is_loopback
+from rcc.serve.engine import internal_error
 
 OPEN_PATHS = ("/", "/health", "/openapi.json")  # no key needed: the page and the schema ask for it
 OPEN_PREFIXES = ("/docs",)

@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import RCCError
-from ..io import atomic_write_text
+from rcc.errors import RCCError
+from rcc.files import atomic_write_text
 
 STATUSES = ("queued", "compressing", "ready", "failed")
 MAX_ATTEMPTS = 2

@@ -10,8 +10,7 @@ tokens are the slot positions (:mod:`.model`), like Qwen3-VL's deepstack feature
 - :mod:`.plugin`: the ``vllm.general_plugins`` entry point (registers the architecture);
 - :mod:`.model`: the vLLM model class and its multimodal processor (imports vLLM);
 - :mod:`.generate`: prompts, sampling and stopping equal to :meth:`rcc.RCCModel.generate`;
-- :mod:`.engine`: ``rcc serve --engine vllm``.
 
-Nothing here is imported by the library; :mod:`.model`, :mod:`.generate` and
-:mod:`.engine` need vLLM (``bash scripts/vllm_env.sh`` makes ``.venv-vllm``).
+Nothing here is imported by the library or imports anything but it; :mod:`.model`, :mod:`.generate` and
+:mod:`rcc.serve.vllm_engine` (``rcc serve --engine vllm``) need vLLM (``bash scripts/vllm_env.sh`` makes ``.venv-vllm``).
 """

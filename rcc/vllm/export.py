@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .. import adapters
-from ..errors import RCCError
-from ..io import atomic_save_file, atomic_write_text, write_json
-from ..prompts import ASSISTANT, END, HEADER
+from rcc import adapters
+from rcc.errors import RCCError
+from rcc.files import atomic_save_file, atomic_write_text, write_json
+from rcc.prompts import ASSISTANT, END, HEADER
 
 ARCHITECTURE = "RCCDecoderForCausalLM"
 FORMAT = "rcc-vllm/1"
@@ -31,7 +31,7 @@ def unsupported(model_type: str) -> RCCError:
 
 
 def chat_template() -> str:
-    """Manual mode (spec section 2) as a chat template: the fixed header, the last user
+    """Manual mode (docs/method.md section 2) as a chat template: the fixed header, the last user
     message, the assistant header. The slots are inserted before it by the plugin."""
     last_user = ("{%- for m in messages if m.role == 'user' -%}{%- if loop.last -%}"
                  "{%- if m.content is string -%}{{ m.content }}{%- else -%}"
@@ -107,27 +107,3 @@ def export_decoder(model, path: str | Path, dtype: torch.dtype | None = None) ->
     tok.save_pretrained(str(path))
     atomic_write_text(path / "chat_template.jinja", chat_template())
     return path
-
-
-# ------------------------------------------------------------ the CLI command
-def export_args(p) -> None:
-    """``rcc export-vllm``'s options: the model (as ``rcc ask`` names it), the dtype, the folder."""
-    from ..bundled import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the bundled {DEFAULT_MODEL} (default) or a checkpoint")
-    p.add_argument("--base-model", help="config (and tokenizer) of the released layout")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="weight dtype of the folder (default float32)")
-    p.add_argument("-o", "--output", required=True, help="folder to write (then: vllm serve FOLDER ...)")
-
-
-def cmd_export(args) -> int:
-    """Export a model's decoder for ``vllm serve`` (docs/vllm.md)."""
-    from ..loading import load_model
-
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, base_model=args.base_model, dtype=dtype)
-    folder = export_decoder(model, args.output, dtype=dtype)
-    print(f"rcc: wrote {folder} (model id {model.fingerprint()}); serve it with: vllm serve {folder} "
-          "--enable-mm-embeds --enforce-eager --block-size 32")
-    return 0

@@ -10,12 +10,12 @@ import json
 import time
 from pathlib import Path
 
-from ..ask import Answer, choose_mode
-from ..errors import RCCError
-from ..generation import check_max_new_tokens, check_sampling
-from ..prompts import ASSISTANT, END, build, split_answer
-from .export import rcc_section
-from .slot_memory import SlotMemory, check_slots, compress_slots
+from rcc.ask import Answer, choose_mode
+from rcc.errors import RCCError
+from rcc.generation import check_max_new_tokens, check_sampling
+from rcc.prompts import CHATML
+from rcc.vllm.export import rcc_section
+from rcc.vllm.slot_memory import SlotMemory, check_slots, compress_slots
 
 #: prefix-cache block size: small blocks let a question reuse every whole block of
 #: slots (192 slots = 6 blocks of 32); 32 is the CPU attention backend's smallest
@@ -79,26 +79,6 @@ def sampling_for(max_new_tokens: int, eos_token_id: int | None, logprobs: int | 
                           stop_token_ids=[] if eos_token_id is None else [eos_token_id], logprobs=logprobs, **opts)
 
 
-def answer_length(tok, ids: list[int], mode: str) -> int | None:
-    """The number of generated tokens after which :class:`rcc.ask.AnswerDone` stops a
-    row (the answer closed by ``<|im_end|>``), or None if it never does."""
-    for n in range(1, len(ids) + 1):
-        text = tok.decode(ids[:n], skip_special_tokens=False)
-        if mode == "reconstruct":
-            head = text.find(ASSISTANT)
-            if head >= 0 and END in text[head + len(ASSISTANT):]:
-                return n
-        elif END in text:
-            return n
-    return None
-
-
-def eos_for(tok, mode: str) -> int | None:
-    """The eos id :func:`rcc.ask.ask` stops at: none in reconstruct mode when eos is
-    ``<|im_end|>`` (the question written back ends with one too)."""
-    return None if (mode == "reconstruct" and tok.eos_token == END) else tok.eos_token_id
-
-
 def ask(llm, model, context: str | SlotMemory, question: str, mode: str | None = None, max_new_tokens: int = 128,
         window_batch_size: int | None = 8, **options) -> Answer:
     """:func:`rcc.ask.ask` with the decoder in vLLM: ``model`` (the :class:`~rcc.RCCModel`)
@@ -114,25 +94,25 @@ def ask(llm, model, context: str | SlotMemory, question: str, mode: str | None =
     if not is_memory and not (isinstance(context, str) and context.strip()):
         raise RCCError("the context is empty; give some text to compress")
     mode = mode or ("manual" if is_memory else choose_mode(model, context))
-    prompt = build("", question, mode)[1]
+    prompt = CHATML.build("", question, mode)[1]
     ids, prefix = None, None
     if is_memory:
         check_slots(model, context)
         if mode == "reconstruct":
             ids, prefix = tok("\n\n" + question, add_special_tokens=False, return_tensors="pt").input_ids, context
     else:
-        ids = tok(build(context, question, mode)[0], add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tok(CHATML.build(context, question, mode)[0], add_special_tokens=False, return_tensors="pt").input_ids
     t, memory = time.perf_counter(), context
     if ids is not None:
         memory = compress_slots(model, ids, window_batch_size, prefix=prefix)
     secs = time.perf_counter() - t if ids is not None else 0.0
     prompt_ids = tok(prompt, add_special_tokens=False).input_ids
-    out = llm.generate([prompt_for(memory, prompt_ids)], sampling_for(max_new_tokens, eos_for(tok, mode), **options),
+    out = llm.generate([prompt_for(memory, prompt_ids)], sampling_for(max_new_tokens, CHATML.stop_token_id(tok, mode), **options),
                        use_tqdm=False)
     new = list(out[0].outputs[0].token_ids)
-    n = answer_length(tok, new, mode)
+    n = CHATML.answer_length(tok, new, mode)
     new = new[:n] if n is not None else new
-    question_back, answer = split_answer(tok.decode(new, skip_special_tokens=False), mode, tok.eos_token)
+    question_back, answer = CHATML.split_answer(tok.decode(new, skip_special_tokens=False), mode, tok.eos_token)
     return Answer(answer=answer, reconstructed_question=question_back, token_ids=new, mode=mode,
                   num_slots=memory.num_slots, compressed_tokens=0 if ids is None else int(ids.shape[1]),
                   compress_seconds=secs)

@@ -1,7 +1,7 @@
 """The RCC decoder inside vLLM 0.32: a model class that wraps vLLM's own Llama /
 Mistral / Qwen2 class by composition, and its multimodal processor.
 
-How the memory travels (spec section 1, decoder): one multimodal item per prompt,
+How the memory travels (docs/method.md section 1, decoder): one multimodal item per prompt,
 ``{"rcc_slots": [1, P, (L_D + 1) H_D], "rcc_model_id": [1, 16] uint8}``
 (:meth:`rcc.vllm.slot_memory.SlotMemory.payload`). The processor checks it against the
 served model and inserts P placeholder tokens at the start of the prompt, so the slots
@@ -39,8 +39,8 @@ from vllm.multimodal.parse import DictEmbeddingItems, MultiModalDataParser
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptIndexTargets, PromptInsertion)
 
-from .export import SUPPORTED, rcc_section, unsupported
-from .slot_memory import MODEL_FIELD, SLOTS_FIELD, model_id_of, model_id_tensor
+from rcc.vllm.export import SUPPORTED, rcc_section, unsupported
+from rcc.vllm.slot_memory import MODEL_FIELD, SLOTS_FIELD, model_id_of, model_id_tensor
 
 MODALITY = "image"
 _MODULES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}

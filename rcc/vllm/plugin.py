@@ -3,7 +3,7 @@ process it starts, before it resolves a model's architecture."""
 
 from __future__ import annotations
 
-from .export import ARCHITECTURE
+from rcc.vllm.export import ARCHITECTURE
 
 
 def register() -> None:

@@ -3,7 +3,7 @@
 A :class:`~rcc.CompressedContext` holds the decoder's KV cache over the slots; vLLM
 keeps its own paged KV cache and computes it itself, so what it needs is one step
 earlier: per slot, the input embedding G(level 0) and every layer's addition A_i
-(spec section 1). :class:`SlotMemory` holds those, ``[P, L_D + 1, H_D]``, made once
+(docs/method.md section 1). :class:`SlotMemory` holds those, ``[P, L_D + 1, H_D]``, made once
 per context by rcc-llm's encoder (:func:`compress_slots`) and sent with each
 question as the multimodal item (:meth:`SlotMemory.payload`); vLLM's prefix cache,
 keyed on the item's uuid (:meth:`SlotMemory.uuid`), keeps the slots' KV between
@@ -25,10 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .. import adapters
-from ..errors import RCCError
-from ..io import atomic_save_file
-from ..memory import (_RECOMPRESS, _SAFETENSORS_DTYPES, STORAGE_DTYPES, _fields, _metadata_hash, _read_header, _tensors_hash,
+from rcc import adapters
+from rcc.errors import RCCError
+from rcc.memory import (RECOMPRESS, SAFETENSORS_DTYPES, STORAGE_DTYPES, memory_fields, metadata_hash, read_header, save_signed, tensors_hash,
                       check_finite, dtype_name, storage_dtype, token_hash)
 
 FORMAT = "rcc-slots/1"
@@ -57,7 +56,7 @@ class SlotMemory:
     Attributes:
         slots: ``[P, L_D + 1, H_D]``; ``slots[:, 0]`` = G(level 0), the slot's input
             embedding; ``slots[:, i + 1]`` = A_i, added to the residual stream after
-            decoder layer i (spec section 1).
+            decoder layer i (docs/method.md section 1).
         num_tokens, window, ratio, model_id, content_hash: as in :class:`~rcc.CompressedContext`.
     """
 
@@ -121,13 +120,7 @@ class SlotMemory:
         """
         path = Path(path)
         tensors = {"slots": self.slots.detach().to("cpu", storage_dtype(dtype) or self.slots.dtype).contiguous()}
-        meta = self.metadata() | {"dtype": dtype_name(tensors["slots"].dtype), "tensors_sha256": _tensors_hash(tensors)}
-        meta["metadata_sha256"] = _metadata_hash(meta)
-        try:
-            atomic_save_file(tensors, path, meta)
-        except OSError as err:
-            raise RCCError(f"{path}: cannot write the slot file ({err.strerror or err})") from None
-        return path
+        return save_signed(tensors, path, self.metadata() | {"dtype": dtype_name(tensors["slots"].dtype)}, "slot file")
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu", dtype: str | torch.dtype | None = None) -> "SlotMemory":
@@ -140,28 +133,28 @@ class SlotMemory:
         if not path.is_file():
             raise RCCError(f"{path}: no such slot file; make one with rcc serve --engine vllm (or compress_slots)")
         try:
-            meta, entries, expected = _read_header(path)
+            meta, entries, expected = read_header(path)
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
             if path.stat().st_size != expected:
                 raise ValueError(f"{path.stat().st_size} bytes, its header describes {expected}")
-            if meta.get("metadata_sha256") != _metadata_hash(meta):
+            if meta.get("metadata_sha256") != metadata_hash(meta):
                 raise ValueError("its metadata does not match its checksum")
             if set(entries) != {"slots"}:  # before any tensor is read
                 raise ValueError(f"tensors {sorted(entries)[:4]}, expected only 'slots'")
-            if meta.get("dtype") != _SAFETENSORS_DTYPES.get(entries["slots"]["dtype"]):
+            if meta.get("dtype") != SAFETENSORS_DTYPES.get(entries["slots"]["dtype"]):
                 raise ValueError(f"tensor dtype {entries['slots']['dtype']} disagrees with the dtype field")
-            ints = _fields(meta, path)
+            ints = memory_fields(meta, path)
             shape = entries["slots"]["shape"]
             if len(shape) != 3 or shape[:2] != [ints["num_slots"], ints["layers"] + 1] or not shape[2]:
                 raise ValueError(f"slots of shape {tuple(shape)} disagree with its fields")
             tensors = load_file(str(path), device="cpu")
-            if _tensors_hash(tensors) != meta.get("tensors_sha256"):
+            if tensors_hash(tensors) != meta.get("tensors_sha256"):
                 raise ValueError("checksum mismatch")
             check_finite(tensors, path)
             slots = tensors["slots"]
         except RCCError as err:  # the shared field and value checks name the file themselves
-            raise RCCError(f"not a usable slot file: {err}".replace(f"; {_RECOMPRESS}", f"; {_AGAIN}")) from None
+            raise RCCError(f"not a usable slot file: {err}".replace(f"; {RECOMPRESS}", f"; {_AGAIN}")) from None
         except (ValueError, KeyError, OSError, SafetensorError, UnicodeDecodeError) as err:
             raise RCCError(f"{path}: not a usable slot file ({err}); {_AGAIN}") from None
         cast = storage_dtype(dtype)

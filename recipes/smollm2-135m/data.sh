@@ -24,7 +24,7 @@ $RCC synth "$OUT/prose/train" -o "$OUT/passkey.jsonl" --tokenizer embedded:smoll
 $RCC synth "$OUT/prose/train" -o "$OUT/passkey-long.jsonl" --tokenizer embedded:smollm2 \
     --count 4000 --kinds passkey=0.7,needle=0.3 --min-tokens 300 --max-tokens 16k --seed 4
 # v3 (issue 23): copy any value at ratio 16: values of every shape under labels with distractors,
-# in five haystacks (rcc.synth `copy`), mixed with pass keys, free-value facts, extraction,
+# in five haystacks (rcc.data.synth `copy`), mixed with pass keys, free-value facts, extraction,
 # reconstruction and continuation of prose; contexts of 1 to 64 windows of 512 (the curriculum
 # of v3.yaml reads the lengths it wants from one file)
 $RCC synth "$OUT/prose/train" -o "$OUT/v3.jsonl" --tokenizer embedded:smollm2 \

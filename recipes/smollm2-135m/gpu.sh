@@ -58,13 +58,13 @@ plan)
 stash)  # on the machine: one carried piece into $STASH (every valid piece is accepted, in any order)
   $PY $KIT/gpukit.py stash "$2"
   ;;
-bench)  # the stage-1 step before and after the speed work, SmolLM2's shapes with random weights (no GGUF)
+bench)  # the stage-1 step in float32 and bf16, alternating, SmolLM2's shapes with random weights (no GGUF)
   export PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   opts=() overrides=()  # key=value overrides anywhere among the options
   set -- "${@:2}"
   while [ $# -gt 0 ]; do
     case "$1" in
-      --steps|--warmup|--compare|--legacy|--device|--peak-tflops|-o|--output) opts+=("$1" "$2"); shift 2 ;;
+      --steps|--warmup|--dtypes|--device|--peak-tflops|-o|--output) opts+=("$1" "$2"); shift 2 ;;
       -*) opts+=("$1"); shift ;;
       *=*) overrides+=("$1"); shift ;;
       *) echo "gpu.sh bench: $1 is neither an option nor key=value" >&2; exit 2 ;;
@@ -73,7 +73,7 @@ bench)  # the stage-1 step before and after the speed work, SmolLM2's shapes wit
   out=${OUT:-runs}
   $PY -m rcc.cli bench train $KIT/pretrain.yaml \
       'model.backbone={model_type: llama, vocab_size: 49152, hidden_size: 576, intermediate_size: 1536, num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, max_position_embeddings: 8192, rope_theta: 100000, rms_norm_eps: 1.0e-5, tie_word_embeddings: true}' \
-      "${overrides[@]}" --random-data --compare legacy --steps "${STEPS:-10}" --warmup 2 \
+      "${overrides[@]}" --random-data --dtypes "${DTYPES:-float32,bfloat16}" --steps "${STEPS:-10}" --warmup 2 \
       -o "$out/bench-train-gpu.json" "${opts[@]}"
   ;;
 train)  # on the machine, in the call that carries the last piece: to the call's deadline (CALL_S)

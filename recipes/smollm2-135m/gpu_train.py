@@ -43,7 +43,7 @@ class Exporter:
     """After every new checkpoint of ``run_dir``: its shards, ``log.jsonl`` and ``status.json`` into ``out``."""
 
     def __init__(self, run_dir: Path, out: Path, status: dict):
-        from rcc.train import checkpoints
+        from rcc.train.loop import checkpoints
 
         self.checkpoints = checkpoints
         self.run_dir, self.out, self.status = run_dir, out, status
@@ -81,7 +81,7 @@ class Exporter:
 
 def data_overrides(config: str, overrides: list[str], payload: Path) -> list[str]:
     """``data.train_data`` / ``data.eval_data`` pointed into the payload where it carries them."""
-    from rcc.train_config import TrainConfig
+    from rcc.train.config import TrainConfig
 
     index_path = payload / "payload.json"
     if not index_path.is_file():
@@ -98,7 +98,7 @@ def data_overrides(config: str, overrides: list[str], payload: Path) -> list[str
 
 def main(argv: list[str] | None = None) -> int:
     from rcc.errors import RCCError
-    from rcc.train import train
+    from rcc.train.loop import train
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv:

@@ -84,7 +84,7 @@ def pack_members(configs: list[str], pack_dir: Path, py: str) -> tuple[dict[str,
     and each config's data (index: config data path -> its name in the payload)."""
     sys.path.insert(0, str(ROOT))
     from rcc.backbones import embedded_smollm2_file
-    from rcc.train_config import TrainConfig
+    from rcc.train.config import TrainConfig
 
     wheels = pack_dir / "wheels"
     if not list(wheels.glob("gguf-*.whl")):

@@ -21,8 +21,8 @@ from pathlib import Path
 def pretokenize(config: str, records: list[str], output: Path, overrides: list[str] = ()) -> str:
     """Write ``output`` from ``records`` as ``config`` reads them; returns the data report's summary."""
     from rcc.data import load_examples, save_examples
-    from rcc.train_config import TrainConfig
-    from rcc.train_model import build_model
+    from rcc.train.config import TrainConfig
+    from rcc.train.setup import build_model
 
     cfg = TrainConfig.load(config, [*overrides, f"data.train_data={records[0]}", "run.output_dir=unused"])
     if cfg.task != "finetune":

@@ -100,9 +100,9 @@ def newest(folder: Path) -> tuple[int, list[Path], dict] | None:
 
 def join(folder: Path, dest: Path) -> Path:
     """Rebuild the trained model from the whole set in ``folder`` into ``dest``."""
-    from rcc.train import save_final
-    from rcc.train_config import TrainConfig
-    from rcc.train_model import build_model
+    from rcc.train.loop import save_final
+    from rcc.train.config import TrainConfig
+    from rcc.train.setup import build_model
 
     found = newest(folder)
     if found is None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rcc.train_config import dotted
+from rcc.train.config import dotted
 
 
 def main(src: Path, dst: Path) -> None:
