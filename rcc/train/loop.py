@@ -399,11 +399,12 @@ def setup(cfg: TrainConfig) -> Run:
     # optimiser and schedule (stepped once per optimiser step; not handed to
     # accelerate, which would step it once per process)
     optimizer = make_optimizer(model, cfg, accelerator.device)
+    # the schedule reads the run's total from its state: fit_schedule and a resume may change it
+    state = {"step": 0, "micro_step": 0, "tokens": 0, "total_steps": total_steps, "world": world}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, state["total_steps"], cfg.optim.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = {"step": 0, "micro_step": 0, "tokens": 0, "total_steps": total_steps, "world": world}
     if deepspeed and (cfg.run.save_every or cfg.run.max_minutes) and main:
         log.warning("DeepSpeed: rcc train writes no checkpoints to resume from (%s)", DEEPSPEED_REFUSAL)
     if resume_from is not None:
