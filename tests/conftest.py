@@ -74,6 +74,15 @@ def tiny_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
+def saved_tiny_rcc(folder) -> str:
+    """A tiny random RCC model (llama, window 64, ratio 8) with the tiny tokenizer, saved in
+    our format to ``folder``; returns the folder (the CLI's and the server's tests load it)."""
+    model = tiny_rcc("llama", window=64, ratio=8)
+    model.tokenizer = tiny_tokenizer()
+    model.save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest, and reproducibly, on one thread (the CI box is shared)."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, tiny_rcc, tiny_tokenizer
+from tests.conftest import REPO, saved_tiny_rcc, tiny_rcc, tiny_tokenizer
 
 DOC = REPO / "examples" / "lighthouse.txt"
 
@@ -40,11 +40,7 @@ def released(tmp_path_factory, fixture_dir):
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
     """A tiny RCC model in our format with a tokenizer."""
-    path = tmp_path_factory.mktemp("ours") / "model"
-    model = tiny_rcc("llama", window=64, ratio=8)
-    model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(str(path))
-    return path
+    return saved_tiny_rcc(tmp_path_factory.mktemp("ours") / "model")
 
 
 @pytest.mark.slow  # several `rcc` processes, each importing torch

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from tests.conftest import REPO, tiny_rcc, tiny_tokenizer  # noqa: E402
+from tests.conftest import REPO, saved_tiny_rcc  # noqa: E402
 from tests.serve_helpers import Server, multipart, rcc_cli, request, sse, upload, wait_ready  # noqa: E402
 
 DOC = REPO / "examples" / "lighthouse.txt"
@@ -27,11 +27,7 @@ QUESTION = "Who kept the lamp burning?"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random RCC model (window 64, ratio 8) with a tokenizer, saved to a folder."""
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    model = tiny_rcc("llama", window=64, ratio=8)
-    model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(str(path))
-    return path
+    return saved_tiny_rcc(tmp_path_factory.mktemp("serve") / "tiny")
 
 
 def ask(url, cid, question=QUESTION, **kw):

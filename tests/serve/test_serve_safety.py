@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from tests.conftest import REPO, tiny_rcc, tiny_tokenizer  # noqa: E402
+from tests.conftest import REPO, saved_tiny_rcc, tiny_rcc, tiny_tokenizer  # noqa: E402
 from tests.serve_helpers import Server, rcc_cli, request, sse, wait_ready  # noqa: E402
 
 DOC = REPO / "examples" / "lighthouse.txt"
@@ -38,11 +38,7 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("safety") / "tiny"
-    model = tiny_rcc("llama", window=64, ratio=8)
-    model.tokenizer = tiny_tokenizer()
-    model.save_pretrained(str(path))
-    return path
+    return saved_tiny_rcc(tmp_path_factory.mktemp("safety") / "tiny")
 
 
 @pytest.fixture(scope="module")
