@@ -2,8 +2,9 @@
 evaluation (:class:`rcc.eval.baselines.RCCMethod`), :meth:`rcc.RCCModel.ask`
 and a server share (docs/method.md section 2).
 
-The context is text or a saved memory (:class:`~rcc.CompressedContext`, e.g.
-from ``rcc compress``):
+The context is text, a saved memory (:class:`~rcc.CompressedContext`, e.g.
+from ``rcc compress``) or a list of memories, read in order as one
+(:meth:`rcc.RCCModel.combine`: one decoder pre-fill over their slots):
 
 - text, ``"reconstruct"`` mode: compress ``context + "\\n\\n" + question``,
   prompt with the header; the decoder writes the question back, then answers;
@@ -70,21 +71,23 @@ class AnswerDone(StoppingCriteria):
 
 
 def choose_mode(model, context, mode: str | None = None) -> str:
-    """The instruction mode :func:`ask` uses: ``mode`` when given; for a memory
-    ``"manual"``; for text the model's own (:func:`rcc.prompts.default_mode`)."""
+    """The instruction mode :func:`ask` uses: ``mode`` when given; for a memory (or
+    several) ``"manual"``; for text the model's own (:func:`rcc.prompts.default_mode`)."""
     if mode:
         return mode
-    return "manual" if isinstance(context, CompressedContext) else default_mode(model)
+    return "manual" if isinstance(context, (CompressedContext, list, tuple)) else default_mode(model)
 
 
-def ask(model, context: str | CompressedContext, question: str, mode: str | None = None, max_new_tokens: int = 128,
+def ask(model, context: str | CompressedContext | list[CompressedContext], question: str, mode: str | None = None,
+        max_new_tokens: int = 128,
         window_batch_size: int | None = 8, progress: Callable[[int, int], None] | None = None,
         compress: Callable | None = None, **generate_kwargs) -> Answer:
     """Answer ``question`` about ``context`` with ``model`` (an :class:`~rcc.RCCModel`).
 
     Args:
-        context: the text, or a memory of it (:class:`~rcc.CompressedContext`
-            of the context alone, as ``rcc compress`` writes).
+        context: the text, a memory of it (:class:`~rcc.CompressedContext`
+            of the context alone, as ``rcc compress`` writes), or a list of memories
+            asked as one, in order (:meth:`~rcc.RCCModel.combine`).
         mode: ``"reconstruct"`` or ``"manual"``; None: :func:`choose_mode`.
         max_new_tokens: the generation budget (in reconstruct mode the
             question written back counts too).
@@ -99,11 +102,14 @@ def ask(model, context: str | CompressedContext, question: str, mode: str | None
         :class:`Answer`.
     Raises:
         RCCError: without a tokenizer, with an empty context or question, an
-        unknown mode, or a memory made by another model.
+        unknown mode, a memory made by another model, or memories that cannot be
+        read together (:meth:`~rcc.RCCModel.combine`).
     """
     tok = model.tokenizer
     if tok is None:
         raise RCCError("this model has no tokenizer; load it with one (e.g. --base-model) to ask questions in text")
+    if isinstance(context, (list, tuple)):
+        context = model.combine(context, window_batch_size)
     is_memory = isinstance(context, CompressedContext)
     if not is_memory and not isinstance(context, str):
         raise RCCError(f"the context must be text or a CompressedContext, not {type(context).__name__}")
@@ -150,6 +156,7 @@ def _compressor(model, window_batch_size: int | None, progress: Callable[[int, i
     def compress(ids: torch.Tensor, prefix: CompressedContext | None) -> CompressedContext:
         total = model.config.slots_for(ids.shape[-1]) // model.config.slots_per_window
         report = None if progress is None else (lambda done: progress(done, total))
-        return model.compress(ids, window_batch_size=window_batch_size, progress=report, prefix=prefix)
+        return model.compress(ids, window_batch_size=window_batch_size, progress=report, prefix=prefix,
+                              keep_slots=False)
 
     return compress

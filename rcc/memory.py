@@ -1,12 +1,18 @@
 """A compressed context: the decoder's KV cache over the slots, reusable for
 any number of questions, and its single-file format (safetensors + metadata).
 
-Format ``rcc-memory/2`` (written now): the safetensors metadata holds the fields of
+Format ``rcc-memory/3`` (written now): the safetensors metadata holds the fields of
 :meth:`CompressedContext.metadata`, the storage ``dtype``, ``tensors_sha256`` (names,
 dtypes, shapes and bytes of every tensor) and ``metadata_sha256`` (every other
-metadata field, so a changed field is caught without reading the tensors). Files of
-format ``rcc-memory/1`` still load: their tensor checksum and their tensor shapes
-against ``layers`` / ``num_slots`` are checked, their other fields are not covered.
+metadata field, so a changed field is caught without reading the tensors). Besides
+the KV tensors a file may hold ``slots``, the decoder's inputs at the slots (G and
+every A_i), which is what lets a memory be read after another one
+(:meth:`rcc.RCCModel.combine`); ``segments`` lists the token counts of the texts
+compressed one after another (each cut into its own windows: an append keeps the
+cut), ``parents`` the content hashes of the memories it was made from.
+Files of format ``rcc-memory/2`` (no slots, one segment) still load, and so do
+those of ``rcc-memory/1``: their tensor checksum and their tensor shapes against
+``layers`` / ``num_slots`` are checked, their other fields are not covered.
 """
 
 from __future__ import annotations
@@ -27,8 +33,12 @@ from transformers import DynamicCache
 from rcc.errors import RCCError
 from rcc.files import atomic_save_file
 
-FORMAT = "rcc-memory/2"
+FORMAT = "rcc-memory/3"
+FORMAT_V2 = "rcc-memory/2"
 FORMAT_V1 = "rcc-memory/1"
+FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
+#: the tensor of a memory's slot inputs (format 3): ``[batch, num_slots, layers + 1, H_D]``
+SLOTS = "slots"
 #: storage dtypes of a memory file's KV tensors, by name (``save(dtype=...)``, ``--storage-dtype``)
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "float64": torch.float64}
@@ -132,7 +142,18 @@ class CompressedContext:
         num_slots: slot positions P (= windows * window / ratio).
         window, ratio: the model's W and r when it was made.
         model_id: fingerprint of the model that made it (see ``RCCModel.fingerprint``).
-        content_hash: sha256 of the context token ids.
+        content_hash: sha256 of the context token ids (of a memory made from others:
+            of their content hashes).
+        slots: ``[batch, num_slots, L_D + 1, H_D]`` or None: what the decoder read at
+            each slot, ``slots[:, :, 0]`` = G(level 0) (the input embedding) and
+            ``slots[:, :, i + 1]`` = A_i (added after decoder layer i). The KV cache
+            follows from them; they let the memory be pre-filled after another one
+            (:meth:`rcc.RCCModel.combine`). None: the memory can only be read first.
+        segments: token counts of the texts compressed one after another, each cut
+            into its own windows (``rcc compress --append-to`` keeps the cut); they
+            sum to ``num_tokens``. Empty means one text of ``num_tokens``.
+        parents: content hashes of the memories this one was made from, in order
+            (the memory an append extended; the memories combined).
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -142,6 +163,27 @@ class CompressedContext:
     ratio: int
     model_id: str
     content_hash: str
+    slots: torch.Tensor | None = None
+    segments: tuple[int, ...] = ()
+    parents: tuple[str, ...] = ()
+
+    @property
+    def pieces(self) -> tuple[int, ...]:
+        """The token counts of its texts (:attr:`segments`, or the one text)."""
+        return tuple(self.segments) or (self.num_tokens,)
+
+    def slot_inputs(self, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder's inputs at slots ``start:end``: ``(embeds [batch, j, H_D],
+        additions: L_D x [batch, j, H_D])``, as :meth:`rcc.RCCModel.iter_slots` yields them.
+
+        Raises:
+            RCCError: when the memory holds no slot inputs.
+        """
+        if self.slots is None:
+            raise RCCError("this memory holds no slot inputs (it was compressed with --no-slots, or by an older "
+                           f"rcc-llm), so it can only be read first; {RECOMPRESS} to read it after another")
+        part = self.slots[:, start:end]
+        return part[:, :, 0], list(part[:, :, 1:].unbind(2))
 
     @property
     def batch_size(self) -> int:
@@ -168,13 +210,21 @@ class CompressedContext:
         return cache_from([(k.to(device, dtype, copy=True), v.to(device, dtype, copy=True)) for k, v in kv])
 
     def nbytes(self, dtype: str | torch.dtype | None = None) -> int:
-        """Bytes of the KV tensors, as held now or (``dtype``) as stored in that dtype."""
+        """Bytes of the KV tensors and slot inputs, as held now or (``dtype``) as stored in that dtype."""
         size = storage_dtype(dtype)
         total = 0
-        for k, v in self.kv:
-            for t in (k, v):
-                total += t.numel() * (t.element_size() if size is None else size.itemsize)
+        for t in self._tensors().values():
+            total += t.numel() * (t.element_size() if size is None else size.itemsize)
         return total
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of its file, by name."""
+        out = {}
+        for i, (k, v) in enumerate(self.kv):
+            out[f"layers.{i}.keys"], out[f"layers.{i}.values"] = k, v
+        if self.slots is not None:
+            out[SLOTS] = self.slots
+        return out
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -186,6 +236,8 @@ class CompressedContext:
             "model_id": self.model_id,
             "content_hash": self.content_hash,
             "layers": str(len(self.kv)),
+            "segments": json.dumps(list(self.pieces)),
+            "parents": json.dumps(list(self.parents)),
         }
 
     def save(self, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
@@ -201,13 +253,12 @@ class CompressedContext:
         path = Path(path)
         target = storage_dtype(dtype) or self.kv[0][0].dtype
         tensors = {}
-        for i, (k, v) in enumerate(self.kv):
-            for name, t in ((f"layers.{i}.keys", k), (f"layers.{i}.values", v)):
-                stored = t.detach().to("cpu", target).contiguous()
-                if stored.dtype != t.dtype and not torch.isfinite(stored).all() and torch.isfinite(t).all():
-                    raise RCCError(f"the memory's values overflow {dtype_name(target)}; store it as "
-                                   "bfloat16 or float32 instead")
-                tensors[name] = stored
+        for name, t in self._tensors().items():
+            stored = t.detach().to("cpu", target).contiguous()
+            if stored.dtype != t.dtype and not torch.isfinite(stored).all() and torch.isfinite(t).all():
+                raise RCCError(f"the memory's values overflow {dtype_name(target)}; store it as "
+                               "bfloat16 or float32 instead")
+            tensors[name] = stored
         return save_signed(tensors, path, self.metadata() | {"dtype": dtype_name(target)}, "memory file")
 
     @classmethod
@@ -235,8 +286,11 @@ class CompressedContext:
         cast = storage_dtype(dtype)
         kv = [(tensors[f"layers.{i}.keys"].to(device, cast), tensors[f"layers.{i}.values"].to(device, cast))
               for i in range(fields["layers"])]
+        slots = tensors[SLOTS].to(device, cast) if SLOTS in tensors else None
+        segments, parents = memory_pieces(meta, path)
         return cls(kv=kv, num_tokens=fields["num_tokens"], num_slots=fields["num_slots"], window=fields["window"],
-                   ratio=fields["ratio"], model_id=meta["model_id"], content_hash=meta["content_hash"])
+                   ratio=fields["ratio"], model_id=meta["model_id"], content_hash=meta["content_hash"], slots=slots,
+                   segments=tuple(segments), parents=tuple(parents))
 
 
 def check_finite(tensors: dict[str, torch.Tensor], path) -> None:
@@ -272,6 +326,42 @@ def memory_fields(meta: dict[str, str], path) -> dict[str, int]:
     if not windows or slots % per_window or not math.ceil(tokens / window) <= windows <= tokens:
         raise RCCError(f"{path}: memory fields disagree (num_tokens {tokens}, num_slots {slots}, window {window}, "
                        f"ratio {ratio}); {RECOMPRESS}")
+    return out
+
+
+def memory_pieces(meta: dict[str, str], path) -> tuple[list[int], list[str]]:
+    """``(segments, parents)`` of a memory's metadata (format 3; older files: one segment of
+    ``num_tokens``, no parents), checked against its other fields.
+
+    Raises:
+        RCCError: naming the field that is missing or does not fit.
+    """
+    fields = memory_fields(meta, path)
+    if meta.get("format") != FORMAT:
+        return [fields["num_tokens"]], []
+    tokens, window = fields["num_tokens"], fields["window"]
+    windows = fields["num_slots"] // (window // fields["ratio"])
+    segments, parents = _json_list(meta, "segments", path), _json_list(meta, "parents", path)
+    if not segments or not all(type(x) is int and x >= 1 for x in segments) or sum(segments) != tokens \
+            or sum(math.ceil(x / window) for x in segments) != windows:
+        raise RCCError(f"{path}: memory field 'segments' {meta['segments'][:80]!r} does not fit num_tokens "
+                       f"{tokens} in {windows} windows; {RECOMPRESS}")
+    if not all(isinstance(x, str) and re.fullmatch(r"[0-9a-f]{8,64}", x) for x in parents):
+        raise RCCError(f"{path}: memory field 'parents' {meta['parents'][:80]!r} is not a list of content "
+                       f"hashes; {RECOMPRESS}")
+    return segments, parents
+
+
+def _json_list(meta: dict[str, str], key: str, path) -> list:
+    value = meta.get(key)
+    if value is None:
+        raise RCCError(f"{path}: memory file lacks the field {key!r}; {RECOMPRESS}")
+    try:
+        out = json.loads(value)
+    except (ValueError, RecursionError):
+        out = None
+    if not isinstance(out, list):
+        raise RCCError(f"{path}: memory field {key!r} is {value[:80]!r}, not a JSON list; {RECOMPRESS}")
     return out
 
 
@@ -331,24 +421,34 @@ def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
         meta, entries, expected = read_header(path)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise RCCError(f"{path}: not an RCC memory file ({err}); create one with `rcc compress`") from None
-    if meta.get("format") not in (FORMAT, FORMAT_V1):
+    if meta.get("format") not in FORMATS:
         raise RCCError(f"{path}: not an RCC memory file (format {meta.get('format')!r}, expected {FORMAT!r})")
     actual = path.stat().st_size
     if actual != expected:
         what = "incomplete (an interrupted write or copy?)" if actual < expected else "longer than its header says"
         raise RCCError(f"{path}: memory file is {what}: {actual} bytes, its header describes {expected}; "
                        f"{RECOMPRESS}")
-    if meta["format"] == FORMAT and meta.get("metadata_sha256") != metadata_hash(meta):
+    if meta["format"] != FORMAT_V1 and meta.get("metadata_sha256") != metadata_hash(meta):
         raise RCCError(f"{path}: memory file is corrupt (its metadata does not match its checksum); {RECOMPRESS}")
     fields = memory_fields(meta, path)
     names = {f"layers.{i}.{part}" for i in range(fields["layers"]) for part in ("keys", "values")}
+    if meta["format"] == FORMAT and SLOTS in entries:
+        names.add(SLOTS)
     if set(entries) != names:
         odd = sorted(set(entries) ^ names, key=lambda n: (len(n), n))[0]
         why = "lacks the tensor" if odd in names else "has an unexpected tensor"
         raise RCCError(f"{path}: memory file {why} {odd!r} (layers {fields['layers']}); {RECOMPRESS}")
     dtypes = {e["dtype"] for e in entries.values()}
     batches = {tuple(e["shape"])[:1] for e in entries.values()}
+    if SLOTS in entries:
+        shape = entries[SLOTS]["shape"]
+        if len(shape) != 4 or shape[1:3] != [fields["num_slots"], fields["layers"] + 1] or 0 in shape:
+            raise RCCError(f"{path}: memory tensor 'slots' has shape {tuple(shape)}, expected [batch, "
+                           f"{fields['num_slots']} (num_slots), {fields['layers'] + 1} (layers + 1), hidden]; "
+                           f"{RECOMPRESS}")
     for name, e in sorted(entries.items()):
+        if name == SLOTS:
+            continue
         shape = e["shape"]
         if len(shape) != 4 or shape[2] != fields["num_slots"] or 0 in shape:
             raise RCCError(f"{path}: memory tensor {name!r} has shape {tuple(shape)}, expected [batch, kv_heads, "
@@ -357,4 +457,5 @@ def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
     if len(batches) != 1 or stored is None or meta.setdefault("dtype", stored) != stored:
         raise RCCError(f"{path}: memory tensors disagree with each other or with the dtype field "
                        f"({', '.join(sorted(dtypes))} vs {meta.get('dtype')!r}); {RECOMPRESS}")
+    memory_pieces(meta, path)
     return meta

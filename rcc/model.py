@@ -47,6 +47,11 @@ class RCCOutput:
         return self._logits
 
 
+def _batch_to(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``t [b, ...]`` for ``batch`` rows (a single row repeated)."""
+    return t if t.shape[0] == batch else t.expand(batch, *t.shape[1:])
+
+
 def _as_batch(ids, name: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -292,6 +297,11 @@ class RCCModel(nn.Module):
         size = (dtype or self.dtype).itemsize
         return sum((k.numel() + v.numel()) * size for k, v in kv_of(cache))
 
+    def slot_bytes_per_slot(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one slot's decoder inputs take in a memory (:attr:`CompressedContext.slots`:
+        G and every A_i), in ``dtype`` (default: the model's)."""
+        return (len(self.A) + 1) * self.G.out_features * (dtype or self.dtype).itemsize
+
     @torch.no_grad()
     def compress(
         self,
@@ -299,6 +309,7 @@ class RCCModel(nn.Module):
         window_batch_size: int | None = 8,
         progress: Callable[[int], None] | None = None,
         prefix: CompressedContext | None = None,
+        keep_slots: bool = True,
     ) -> CompressedContext:
         """Compress a context into the decoder's KV cache, streaming (docs/method.md section 4).
 
@@ -310,9 +321,16 @@ class RCCModel(nn.Module):
             context_ids: ``[batch, n]`` or ``[n]`` token ids.
             window_batch_size: windows encoded per step (None: all at once).
             progress: called with the number of windows done after each step.
-            prefix: a memory to extend: the new windows' slots are appended after
-                its slots (they attend to them), as if both were one context whose
-                windows were cut at the boundary. The prefix itself is not modified.
+            prefix: a memory to extend (append to): the new windows' slots come after
+                its slots (they attend to them) and only the new windows are encoded.
+                The cut is kept: the new text gets windows of its own, so the result
+                equals compressing both texts at once when the prefix's texts and this
+                one are whole windows (docs/method.md section 4); ``segments`` records
+                the cut. The prefix itself is not modified.
+            keep_slots: also keep the slots' decoder inputs (:attr:`CompressedContext.slots`,
+                1.55x the KV cache's size for SmolLM2), which a memory needs to be read
+                after another one (:meth:`combine`); an appended memory keeps them when
+                its prefix has them.
         Returns:
             a :class:`CompressedContext` with ``num_slots = windows * W / r``
             (plus the prefix's slots).
@@ -326,15 +344,19 @@ class RCCModel(nn.Module):
         if prefix is not None:
             self.check_memory(prefix)
             cache = prefix.cache(ids.shape[0], self.device, self.dtype)
+            keep_slots = keep_slots and prefix.slots is not None
         else:
             from transformers import DynamicCache
 
             cache = DynamicCache()
-        done = 0
+        done, parts = 0, []
+        if keep_slots and prefix is not None:
+            parts.append(_batch_to(prefix.slots, ids.shape[0]).to(self.device, self.dtype))
         with adapters.fast_inference(self.encoder, self.decoder):
             for embeds, additions in self.iter_slots(ids, window_batch_size):
-                with hooks.inject(hooks.decoder_layers(self.decoder), additions):
-                    self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                self._prefill(cache, embeds, additions)
+                if keep_slots:
+                    parts.append(torch.stack([embeds, *additions], dim=2))  # [batch, j*k, L_D + 1, H_D]
                 done += embeds.shape[1] // self.config.slots_per_window
                 if progress is not None:
                     progress(done)
@@ -347,7 +369,74 @@ class RCCModel(nn.Module):
             ratio=self.config.ratio,
             model_id=self.fingerprint(),
             content_hash=hashlib.sha256(content.encode()).hexdigest() if prefix is not None else content,
+            slots=torch.cat(parts, dim=1) if keep_slots else None,
+            segments=(() if prefix is None else prefix.pieces) + (n,),
+            parents=() if prefix is None else (prefix.content_hash,),
         )
+
+    def _prefill(self, cache, embeds: torch.Tensor, additions: list[torch.Tensor]) -> None:
+        """Run slots ``embeds [batch, j, H_D]`` (with ``additions``: L_D x ``[batch, j, H_D]``)
+        through the decoder, appending their keys and values to ``cache``."""
+        with hooks.inject(hooks.decoder_layers(self.decoder), additions):
+            self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+
+    @torch.no_grad()
+    def combine(self, memories, window_batch_size: int | None = 8) -> CompressedContext:
+        """One memory that reads ``memories`` in the order given, for one question over
+        several documents: the first memory's KV cache as it is, then the slots of each
+        next one pre-filled after all before it (one decoder pass over their slots, n/r
+        positions; no text is encoded). It equals compressing the documents' texts at
+        once when each is whole windows (docs/method.md section 4).
+
+        Args:
+            memories: :class:`CompressedContext` s of this model, all of one batch size;
+                every one but the first must hold its slot inputs (``slots``).
+            window_batch_size: windows' slots pre-filled per decoder call.
+        Returns:
+            a :class:`CompressedContext` with the summed slots and tokens, the segments of
+            all in order, their content hashes as ``parents``, and slot inputs when all have them.
+        Raises:
+            RCCError: for an empty list, a memory from another model (window, ratio),
+                one without slot inputs after the first, different batch sizes, or
+                more slots than the decoder's positions (with the numbers).
+        """
+        memories = list(memories)
+        if not memories or not all(isinstance(m, CompressedContext) for m in memories):
+            raise RCCError("combine needs a list of one or more CompressedContext memories")
+        for i, m in enumerate(memories):
+            try:
+                self.check_memory(m)
+            except RCCError as err:
+                raise RCCError(f"memory {i + 1} of {len(memories)}: {err}") from None
+            if i and m.slots is None:
+                raise RCCError(f"memory {i + 1} of {len(memories)} holds no slot inputs (compressed with "
+                               "--no-slots, or by an older rcc-llm), so it cannot be read after another; compress "
+                               "it again, or put it first")
+        if len({m.batch_size for m in memories}) != 1:
+            raise RCCError(f"the memories hold {sorted({m.batch_size for m in memories})} contexts each; combine "
+                           "memories of one batch size")
+        total = sum(m.num_slots for m in memories)
+        positions.check_slot_total(self, total, [m.num_slots for m in memories])
+        if len(memories) == 1:
+            return memories[0]
+        first = memories[0]
+        cache = first.cache(None, self.device, self.dtype)
+        step = self.config.slots_per_window * (int(window_batch_size) if window_batch_size else total)
+        with adapters.fast_inference(self.decoder):
+            for m in memories[1:]:
+                for start in range(0, m.num_slots, step):
+                    embeds, additions = m.slot_inputs(start, start + step)
+                    self._prefill(cache, embeds.to(self.device, self.dtype),
+                                  [a.to(self.device, self.dtype) for a in additions])
+        hashes = [m.content_hash for m in memories]
+        slots = None
+        if all(m.slots is not None for m in memories):
+            slots = torch.cat([m.slots.to(self.device, self.dtype) for m in memories], dim=1)
+        return CompressedContext(
+            kv=[(k, v) for k, v in kv_of(cache)], num_tokens=sum(m.num_tokens for m in memories), num_slots=total,
+            window=self.config.window, ratio=self.config.ratio, model_id=first.model_id,
+            content_hash=hashlib.sha256("+".join(hashes).encode()).hexdigest(), slots=slots,
+            segments=tuple(x for m in memories for x in m.pieces), parents=tuple(hashes))
 
     def check_memory(self, memory: CompressedContext) -> None:
         """Raises RCCError when ``memory`` was made by another model."""
@@ -477,7 +566,7 @@ class RCCModel(nn.Module):
         check_sampling(*(generate_kwargs.get(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")),
                        name=str)
         made_here = not isinstance(context, CompressedContext)
-        memory = self.compress(context, window_batch_size) if made_here else context
+        memory = self.compress(context, window_batch_size, keep_slots=False) if made_here else context
         if not made_here:  # a memory compressed just now is this model's by construction
             self.check_memory(memory)
         prompt = _as_batch(prompt_ids, "prompt_ids").to(self.device)
@@ -525,10 +614,11 @@ class RCCModel(nn.Module):
 
     # ------------------------------------------------------------------ ask
     def ask(self, context, question: str, mode: str | None = None, **kwargs):
-        """Answer a question about a text or a saved memory (:class:`CompressedContext`)
-        with one of the two instruction modes (docs/method.md section 2); see :func:`rcc.ask.ask`
-        for the options. ``mode=None`` takes the model's own for text
-        (``config.instruction_mode``, else ``"reconstruct"``) and ``"manual"`` for a memory.
+        """Answer a question about a text, a saved memory (:class:`CompressedContext`) or
+        a list of memories read in order as one (``model.ask([m1, m2], question)``, see
+        :meth:`combine`) with one of the two instruction modes (docs/method.md section 2);
+        see :func:`rcc.ask.ask` for the options. ``mode=None`` takes the model's own for text
+        (``config.instruction_mode``, else ``"reconstruct"``) and ``"manual"`` for memories.
 
         Returns:
             :class:`rcc.ask.Answer` (``answer`` and, for ``"reconstruct"``,

@@ -49,3 +49,27 @@ def check_positions(model, total: int, new_tokens: int = 0, what: str = "slots +
     else:
         return
     model._positions_warned = True
+
+
+def check_slot_total(model, total: int, parts: list[int] | None = None, what: str = "the memories") -> None:
+    """Refuse, before any work, a combination of memories (``rcc ask --memory A --memory B``,
+    an append) whose ``total`` slots exceed the decoder's positions: its absolute table
+    or, for a rotary decoder, the ``max_position_embeddings`` it was trained on (a single
+    long text past them is only warned about, :func:`check_positions`; reading several
+    memories together is refused there, with the numbers, so that it fails before work).
+
+    Args:
+        parts: each memory's slots, named in the message.
+    Raises:
+        RCCError: naming the slots, the limit and the context tokens it allows.
+    """
+    limit = model.position_limit
+    if limit is None:
+        limit = getattr(model.decoder.config, "max_position_embeddings", None)
+    if not limit or total <= limit:
+        return
+    cfg = model.config
+    sums = f" ({' + '.join(map(str, parts))})" if parts and len(parts) > 1 else ""
+    raise RCCError(f"{what} hold {total} slots{sums}, more than the {limit} positions of this decoder; with window "
+                   f"{cfg.window} and ratio {cfg.ratio} that is about {(limit // cfg.slots_per_window) * cfg.window} "
+                   "context tokens in all; read fewer or shorter memories at once")

@@ -72,3 +72,25 @@ def test_the_readme_main_command_answers_the_example(cpu_dtype):
     assert "UNTRAINED" not in out.stderr
     key = re.search(r"The pass key is (\d+)\.", (REPO / "examples" / "passkey.txt").read_text()).group(1)
     assert out.stdout.strip() == key
+
+
+def test_the_readme_example_split_in_two_answers_as_the_whole(model):
+    """Issue 25 on the bundled model: the README example's text, cut on a window boundary into two
+    memories, asked over both (and appended: the second compressed onto the first) gives the
+    answer of the whole text token for token, and prints its key. The text is taken up to its
+    last whole window (both halves whole windows: where the equality is exact)."""
+    tok, W = model.tokenizer, model.config.window
+    ids = tok((REPO / "examples" / "passkey.txt").read_text(), add_special_tokens=False, return_tensors="pt").input_ids
+    n = ids.shape[1] // W * W
+    assert n >= 2 * W
+    whole_ids = ids[:, ids.shape[1] - n:]  # the last whole windows: the question follows the text
+    cut = (n // W // 2) * W
+    question = "What is the pass key? The pass key is"
+    whole = model.compress(whole_ids)
+    first, second = model.compress(whole_ids[:, :cut]), model.compress(whole_ids[:, cut:])
+    ref = model.ask(whole, question, max_new_tokens=8)
+    both = model.ask([first, second], question, max_new_tokens=8)
+    appended = model.ask(model.compress(whole_ids[:, cut:], prefix=first), question, max_new_tokens=8)
+    print(f"{n} tokens cut at {cut}: {ref.answer!r} / {both.answer!r} / {appended.answer!r}")
+    assert both.token_ids == ref.token_ids == appended.token_ids
+    assert "68215" in ref.answer

@@ -61,7 +61,8 @@ def test_round_trip_is_bit_exact_and_metadata_names_the_storage(memory, tmp_path
     assert (again.num_slots, again.num_tokens, again.batch_size) == (24, 70, 2)
     assert all(torch.equal(a, b) for pair, back in zip(memory.kv, again.kv) for a, b in zip(pair, back))
     meta = read_memory_metadata(path)
-    assert meta["format"] == "rcc-memory/2" and meta["dtype"] == "float32"
+    assert meta["format"] == "rcc-memory/3" and meta["dtype"] == "float32"
+    assert torch.equal(again.slots, memory.slots) and again.segments == (70,)
 
 
 def test_changed_metadata_is_caught_by_its_checksum(memory, tmp_path):
@@ -89,9 +90,10 @@ def test_every_bad_field_is_one_line_error_even_with_a_matching_checksum(memory,
             m[key] = value
 
     bad = rewrite(path, tmp_path / "bad.rcc", change, rehash=True)
-    if (key in ("model_id", "content_hash") and value not in (None, "")) or (key, value) == ("num_tokens", "7"):
+    if key in ("model_id", "content_hash") and value not in (None, ""):
         assert CompressedContext.load(bad).model_id  # plausible values: only the checksum can tell
         return
+    # (num_tokens 7 was plausible too, before format 3: its segments [70] now disagree)
     refused(bad, "bad.rcc")
 
 
@@ -141,12 +143,13 @@ def test_storage_dtypes_halve_the_file_and_load_back_into_the_model_dtype(model,
     prompt = ids(4, seed=3)
     ref = model.generate(mem, prompt, max_new_tokens=6, eos_token_id=None)
     payload = mem.nbytes()
-    assert payload == model.kv_bytes_per_slot() * mem.num_slots  # the size `rcc compress` announces
+    per_slot = model.kv_bytes_per_slot() + model.slot_bytes_per_slot()  # the KV cache and the slot inputs
+    assert payload == per_slot * mem.num_slots  # the size `rcc compress` announces
     for name, dtype in [("bfloat16", torch.bfloat16), ("float16", torch.float16)]:
         path = mem.save(tmp_path / f"{name}.rcc", dtype=name)
         assert read_memory_metadata(path)["dtype"] == name
         assert full.stat().st_size - path.stat().st_size > 0.45 * payload  # the tensors take half
-        assert mem.nbytes(name) == model.kv_bytes_per_slot(dtype) * mem.num_slots
+        assert mem.nbytes(name) == (model.kv_bytes_per_slot(dtype) + model.slot_bytes_per_slot(dtype)) * mem.num_slots
         low = CompressedContext.load(path)
         assert low.kv[0][0].dtype == dtype and mem.kv[0][0].dtype == torch.float32  # the saved one is untouched
         cache = low.cache(1, model.device, model.dtype)

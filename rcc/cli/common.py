@@ -86,7 +86,8 @@ def add_generation_arguments(p) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
-def compress_with_progress(model, device: str, ids, batch: int, prefix=None, quiet: bool = False):
+def compress_with_progress(model, device: str, ids, batch: int, prefix=None, quiet: bool = False,
+                           keep_slots: bool = True):
     """``model.compress(ids)`` (ids ``(1, n)``) with a progress bar over the windows and a summary line on stderr."""
     from tqdm.auto import tqdm
 
@@ -100,7 +101,7 @@ def compress_with_progress(model, device: str, ids, batch: int, prefix=None, qui
 
     t = time.perf_counter()
     try:  # compress() checks the positions (refusal or one warning) before any work
-        memory = model.compress(ids, window_batch_size=batch, progress=progress, prefix=prefix)
+        memory = model.compress(ids, window_batch_size=batch, progress=progress, prefix=prefix, keep_slots=keep_slots)
     finally:
         bar.close()
     secs = time.perf_counter() - t

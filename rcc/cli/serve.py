@@ -24,6 +24,7 @@ LIMITS = (
     ("--max-connections", "open connections at once; 503 and closed beyond"),
     ("--max-concurrent", "questions waiting or running at once; 429 beyond"),
     ("--max-batch", "questions on one context answered together"),
+    ("--max-contexts-per-question", "contexts one question may read together (context_ids); 413 beyond"),
     ("--max-new-tokens", "largest max_tokens a request may ask for"),
     ("--cache-mib", "memory budget of loaded compressed contexts"),
     ("--window-batch-size", "windows encoded per compression step"),

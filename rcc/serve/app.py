@@ -87,6 +87,10 @@ class AskBody(Generation):
     mode: Literal["manual", "reconstruct"] | None = None
 
 
+class AskManyBody(AskBody):
+    context_ids: list[StrictStr] = Field(min_length=1, description="the contexts to read, in order, as one")
+
+
 class ContentPart(BaseModel):
     """One part of a chat message's content list (OpenAI's shape); only text parts are read."""
 
@@ -105,6 +109,8 @@ class ChatBody(Generation):
     model: StrictStr | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     context_id: StrictStr | None = Field(None, description="extension: the compressed context to answer from")
+    context_ids: list[StrictStr] | None = Field(None, description="extension: several contexts read in order as one "
+                                                                 "(instead of context_id)")
     mode: Literal["manual", "reconstruct"] | None = None
     max_completion_tokens: StrictInt | None = None
     n: StrictInt = Field(1, ge=1, le=1)
@@ -234,6 +240,14 @@ def contexts_router(engine: Engine) -> APIRouter:
         row, created = await run_in_threadpool(engine.add_context, text, name)
         return JSONResponse(_view(row), status_code=202 if created else 200)
 
+    @router.post("/v1/contexts/{cid}/append", status_code=202)
+    async def append_context(cid: str, request: Request):
+        """Append text to a ready context: a new context whose ``parent`` is ``cid`` (only the
+        new text's windows are encoded; the parent is not changed). Body as ``POST /v1/contexts``."""
+        text, name = await _read_document(request, cfg)
+        row, created = await run_in_threadpool(engine.append_context, cid, text, name)
+        return JSONResponse(_view(row), status_code=202 if created else 200)
+
     @router.get("/v1/contexts")
     async def list_contexts():
         return {"object": "list", "data": [_view(r) for r in engine.store.list()]}
@@ -261,11 +275,20 @@ def questions_router(engine: Engine) -> APIRouter:
 
     @router.post("/v1/contexts/{cid}/ask")
     async def ask(cid: str, body: AskBody, request: Request):
-        q = await make_question(engine, cid, body.question, body.mode, body)
+        return await answer((cid,), body, request)
+
+    @router.post("/v1/ask")
+    async def ask_many(body: AskManyBody, request: Request):
+        """One question over several contexts, read in the order given as one memory."""
+        return await answer(tuple(body.context_ids), body, request)
+
+    async def answer(cids: tuple[str, ...], body: AskBody, request: Request):
+        cid = "+".join(cids)
+        q = await make_question(engine, cids, body.question, body.mode, body)
         await run_in_threadpool(engine.submit, q)
         if not q.stream:
             result = await _result(q, request)
-            return {"id": cid, "object": "answer", **result}
+            return {"id": cid, "object": "answer", **({"context_ids": list(cids)} if len(cids) > 1 else {}), **result}
 
         async def events():
             async for event in _events(q.sink):
@@ -285,10 +308,10 @@ def questions_router(engine: Engine) -> APIRouter:
                                   "(--max-messages); send the question with less history")
         if body.model not in (None, model_name, str(cfg.model)):
             raise ServeError(404, f"model {body.model!r} is not served here; use {model_name!r} (GET /v1/models)")
-        if not body.context_id:
+        if bool(body.context_id) == bool(body.context_ids):
             raise ServeError(422, "name the compressed context in the extension field context_id (OpenAI Python "
-                                  "client: extra_body={'context_id': ID}); POST the document to /v1/contexts "
-                                  "for an id")
+                                  "client: extra_body={'context_id': ID}), or several in context_ids; POST the "
+                                  "document to /v1/contexts for an id")
         users = [m for m in body.messages if m.role == "user"]
         if not users:
             raise ServeError(422, "no user message; the last user message is the question")
@@ -303,7 +326,8 @@ def questions_router(engine: Engine) -> APIRouter:
                     raise ServeError(422, f"messages: content part {i} (type 'text') has no 'text' string")
                 texts.append(part.text)
             content = "".join(texts)
-        q = await make_question(engine, body.context_id, content or "", body.mode, body)
+        cids = (body.context_id,) if body.context_id else tuple(body.context_ids)
+        q = await make_question(engine, cids, content or "", body.mode, body)
         await run_in_threadpool(engine.submit, q)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if not q.stream:
@@ -370,13 +394,17 @@ def request_options(body: Generation, cfg) -> tuple:
     return tuple(sorted(opts.items()))
 
 
-async def make_question(engine: Engine, cid: str, text: str, mode: str | None, body: Generation) -> Question:
-    """The checked :class:`~.engine.Question` of a request (budget, options, text, length).
+async def make_question(engine: Engine, cids: tuple[str, ...], text: str, mode: str | None,
+                        body: Generation) -> Question:
+    """The checked :class:`~.engine.Question` of a request (contexts, budget, options, text, length).
 
     Raises:
         ServeError: 413 past a limit, 422 for a bad value.
     """
     cfg = engine.cfg
+    if len(cids) > cfg.max_contexts_per_question:
+        raise ServeError(413, f"{len(cids)} contexts, over this server's limit of {cfg.max_contexts_per_question} "
+                              "per question (--max-contexts-per-question)")
     budget = body.max_tokens if body.max_tokens is not None else getattr(body, "max_completion_tokens", None)
     budget = 128 if budget is None else budget
     check_max_new_tokens(budget, name=lambda _: "max_tokens")
@@ -392,7 +420,7 @@ async def make_question(engine: Engine, cid: str, text: str, mode: str | None, b
         raise ServeError(413, f"the question has {n} tokens, over this server's limit of "
                               f"{cfg.max_question_tokens} (--max-question-tokens); shorten it, or put the long "
                               "part in the document")
-    return Question(context=cid, text=text, mode=mode or default_mode(engine.model), max_new_tokens=budget,
+    return Question(contexts=tuple(cids), text=text, mode=mode or default_mode(engine.model), max_new_tokens=budget,
                     options=opts, sink=Sink(asyncio.get_running_loop()), stream=body.stream)
 
 
@@ -425,7 +453,7 @@ def _view(row: dict) -> dict:
     return {"id": row["id"], "object": "context", "name": row["name"], "status": row["status"],
             "progress": {"windows_done": row["windows_done"], "windows_total": row["windows_total"]},
             "tokens": row["tokens"], "slots": row["slots"], "bytes": row["bytes"], "error": row["error"],
-            "created": row["created"]}
+            "parent": row["parent"], "created": row["created"]}
 
 
 def _sse(obj: dict) -> str:

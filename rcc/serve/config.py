@@ -36,7 +36,7 @@ def is_loopback(host: str) -> bool:
 
 
 #: the integer settings that must be positive, and the timeouts (seconds)
-POSITIVE = ("max_context_tokens", "max_concurrent", "max_batch", "max_new_tokens", "cache_mib", "window_batch_size",
+POSITIVE = ("max_context_tokens", "max_contexts_per_question", "max_concurrent", "max_batch", "max_new_tokens", "cache_mib", "window_batch_size",
             "max_question_tokens", "max_stop_strings", "max_stop_chars", "max_messages", "max_name_chars",
             "max_body_bytes", "max_header_bytes", "max_connections")
 TIMEOUTS = ("header_timeout", "body_timeout", "keep_alive_timeout")
@@ -57,7 +57,9 @@ class ServeConfig:
             ``"*"`` accepts every name (DNS rebinding protection off).
         cors_origins: origins (``https://app.example``) whose pages may call the API;
             none by default (CORS off).
-        max_context_tokens: longest document accepted (413 beyond).
+        max_context_tokens: longest document accepted (413 beyond), and the most tokens an
+            append or the contexts one question reads together may hold in all.
+        max_contexts_per_question: contexts one question may read together (``context_ids``; 413).
         max_document_bytes: largest document upload (413 before it is read); default
             32 bytes per ``max_context_tokens``, at least 1 MiB.
         max_body_bytes: largest body of any other request (questions, chat).
@@ -93,6 +95,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     max_context_tokens: int = 131072
+    max_contexts_per_question: int = 16
     max_document_bytes: int | None = None
     max_body_bytes: int = 1 << 20
     max_question_tokens: int = 4096

@@ -73,9 +73,10 @@ class Sink:
 
 @dataclass
 class Question:
-    """One question waiting for the worker; questions with equal ``key`` are batched."""
+    """One question waiting for the worker; questions with equal ``key`` are batched.
+    ``contexts`` are the ids of the contexts it reads, in order (one, or several read as one)."""
 
-    context: str
+    contexts: tuple[str, ...]
     text: str
     mode: str
     max_new_tokens: int
@@ -87,7 +88,7 @@ class Question:
 
     @property
     def key(self) -> tuple:
-        return (self.context, self.mode, self.max_new_tokens, self.options)
+        return (self.contexts, self.mode, self.max_new_tokens, self.options)
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -128,6 +129,12 @@ class MemoryCache:
     def pop(self, cid: str) -> None:
         with self._lock:
             self._items.pop(cid, None)
+
+    def drop_with(self, cid: str) -> None:
+        """Forget the combined memories that read ``cid`` (keys ``id+id+...``)."""
+        with self._lock:
+            for key in [k for k in self._items if "+" in k and cid in k.split("+")]:
+                del self._items[key]
 
     def nbytes(self) -> int:
         return sum(m.nbytes() for m in self._items.values())
@@ -272,11 +279,68 @@ class Engine:
         cfg = self.model.config
         self._check_fits(cfg.slots_for(n))
         self.store.add(cid, text, name, n, cfg.slots_for(n) // cfg.slots_per_window, self.model_id)
+        return self._queue(cid), True
+
+    def append_context(self, parent: str, text: str, name: str | None = None) -> tuple[dict, bool]:
+        """Queue ``text`` to be appended to the ready context ``parent``: a new context
+        (content-addressed by the parent and the text) whose memory is the parent's with
+        the new text's windows after it; only those are encoded, and the parent is not
+        changed. ``(row, created)``.
+
+        Raises:
+            ServeError: 404/409 for a parent that cannot be read, 422 for an empty text,
+                413 when both together pass ``max_context_tokens`` or the decoder's positions.
+        """
+        row = self.check_ready(parent)
+        if not text.strip():
+            raise ServeError(422, "the text to append is empty; send some text")
+        cid = context_id(text, f"{self.model_id}\nappend to {parent}")
+        child = self.store.get(cid)
+        if child is not None and child["status"] != "failed":
+            return child, False
+        n = len(self.tok(text, add_special_tokens=False).input_ids)
+        total = row["tokens"] + n
+        if total > self.cfg.max_context_tokens:
+            raise ServeError(413, f"context {parent} ({row['tokens']} tokens) and the {n} new tokens make {total}, "
+                                  f"more than this server's limit of {self.cfg.max_context_tokens} "
+                                  "(--max-context-tokens)")
+        cfg = self.model.config
+        self._check_total([row["slots"], cfg.slots_for(n)], f"context {parent} and the new text")
+        self.store.add(cid, text, name, total, cfg.slots_for(n) // cfg.slots_per_window, self.model_id, parent=parent)
+        return self._queue(cid), True
+
+    def _queue(self, cid: str) -> dict:
         with self._cv:
             self._cancelled.discard(cid)
             self._jobs.append(cid)
             self._cv.notify_all()
-        return self.store.get(cid), True
+        return self.store.get(cid)
+
+    def check_contexts(self, cids: tuple[str, ...]) -> None:
+        """The contexts one question reads together, checked before any work: each ready,
+        their tokens within ``max_context_tokens`` and their slots within the decoder's positions.
+
+        Raises:
+            ServeError: 404/409 for a context that cannot answer, 413 past a limit.
+        """
+        rows = [self.check_ready(c) for c in cids]
+        if len(rows) < 2:
+            return
+        total = sum(r["tokens"] for r in rows)
+        if total > self.cfg.max_context_tokens:
+            raise ServeError(413, f"the {len(rows)} contexts hold {total} tokens in all, more than this server's "
+                                  f"limit of {self.cfg.max_context_tokens} (--max-context-tokens); ask over fewer")
+        self._check_total([r["slots"] for r in rows], f"the {len(rows)} contexts")
+
+    def _check_total(self, slots: list[int], what: str) -> None:
+        """Raises ServeError 413 when memories of ``slots`` read together pass the decoder's positions."""
+        from rcc.positions import check_slot_total
+
+        try:
+            check_slot_total(self.model, sum(slots), slots, what=what)
+        except RCCError as err:
+            raise ServeError(413, str(err)) from None
+        self._check_fits(sum(slots))
 
     def _check_fits(self, slots: int) -> None:
         """Raises ServeError 413 when ``slots`` slot positions are more than the decoder takes."""
@@ -294,6 +358,9 @@ class Engine:
         self.model.check_memory(mem)
         return mem
 
+    def _combine(self, memories):
+        return self.model.combine(memories, self.cfg.window_batch_size)
+
     def delete_context(self, cid: str) -> None:
         """Raises ServeError 404 for an unknown id."""
         if self.store.get(cid) is None:
@@ -302,8 +369,27 @@ class Engine:
             self._cancelled.add(cid)
         self.store.delete(cid)
         self.cache.pop(cid)
+        self.cache.drop_with(cid)
 
-    def _memory(self, cid: str) -> CompressedContext:
+    def _memory(self, cids: tuple[str, ...] | str) -> CompressedContext:
+        """The memory of one context, or of several read as one (combined once, then
+        kept in the cache like any memory)."""
+        if isinstance(cids, str) or len(cids) == 1:
+            return self._one_memory(cids if isinstance(cids, str) else cids[0])
+        key = "+".join(cids)
+        mem = self.cache.get(key)
+        if mem is not None:
+            self.metrics.add("cache_hits")
+            return mem
+        parts = [self._one_memory(c) for c in cids]
+        try:
+            mem = self._combine(parts)
+        except RCCError as err:
+            raise ServeError(409, f"contexts {', '.join(cids)} cannot be read together: {err}") from None
+        self.cache.put(key, mem)
+        return mem
+
+    def _one_memory(self, cid: str) -> CompressedContext:
         mem = self.cache.get(cid)
         if mem is not None:
             self.metrics.add("cache_hits")
@@ -343,8 +429,8 @@ class Engine:
         Raises:
             ServeError: 404/409 for a context that cannot answer, 429 when the queue is full.
         """
-        if self.cache.get(q.context) is None:
-            self.check_ready(q.context)
+        if self.cache.get("+".join(q.contexts)) is None:
+            self.check_contexts(q.contexts)
         with self._cv:
             if self._inflight >= self.cfg.max_concurrent:
                 self.metrics.add("rejected_queue_full")
@@ -408,7 +494,7 @@ class Engine:
                 self._inflight -= len(batch)
 
     def _answer(self, batch: list[Question]) -> None:
-        memory = self._memory(batch[0].context)
+        memory = self._memory(batch[0].contexts)
         mode = batch[0].mode
         if mode == "manual":
             groups = [(memory, batch)]
@@ -471,6 +557,12 @@ class Engine:
         self.store.update(cid, status="compressing", attempts=row["attempts"] + 1, windows_done=0)
         t = time.perf_counter()
         try:
+            prefix = None
+            if row["parent"]:  # an append: the parent's memory file stays until this is done (Store.collect)
+                try:
+                    prefix = self._load_memory(self.store.memory_path(row["parent"]))
+                except RCCError as err:
+                    raise RCCError(f"the context it appends to ({row['parent']}) cannot be read: {err}") from None
             text = self.store.text_path(cid).read_text(encoding="utf-8")
             ids = self.tok(text, add_special_tokens=False, return_tensors="pt").input_ids
 
@@ -481,7 +573,7 @@ class Engine:
                 while self._questions:  # questions first: they wait at most one compression step
                     self._answer_batch()
 
-            memory = self._make_memory(ids, progress=progress)
+            memory = self._make_memory(ids, progress=progress, prefix=prefix)
             if cid in self._cancelled:
                 raise _Cancelled
             path = memory.save(self.store.memory_path(cid))
@@ -500,6 +592,9 @@ class Engine:
             self.store.update(cid, status="failed", error=str(err))
         except Exception:
             self.store.update(cid, status="failed", error="compression failed: " + internal_error(f"compressing {cid}"))
+        finally:
+            if row["parent"]:
+                self.store.collect()  # a deleted parent's file is no longer needed
 
 
 def _stack(memories: list[CompressedContext]) -> CompressedContext:

@@ -34,7 +34,7 @@ from rcc.files import atomic_write_text
 STATUSES = ("queued", "compressing", "ready", "failed")
 MAX_ATTEMPTS = 2
 FIELDS = ("id", "name", "status", "tokens", "slots", "windows_done", "windows_total", "bytes", "error",
-          "attempts", "model_id", "created", "updated")
+          "attempts", "model_id", "created", "updated", "parent")
 
 
 def context_id(text: str, model_id: str) -> str:
@@ -61,8 +61,11 @@ class Store:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS contexts (id TEXT PRIMARY KEY, name TEXT, status TEXT NOT NULL, "
             "tokens INTEGER, slots INTEGER, windows_done INTEGER DEFAULT 0, windows_total INTEGER, bytes INTEGER, "
-            "error TEXT, attempts INTEGER DEFAULT 0, model_id TEXT, created REAL, updated REAL)"
+            "error TEXT, attempts INTEGER DEFAULT 0, model_id TEXT, created REAL, updated REAL, parent TEXT)"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(contexts)")}
+        if "parent" not in columns:  # a store written before appends existed
+            self._db.execute("ALTER TABLE contexts ADD COLUMN parent TEXT")
 
     def memory_path(self, cid: str) -> Path:
         return self.root / f"{cid}.rcc"
@@ -87,23 +90,43 @@ class Store:
         with self._lock:
             self._db.execute(f"UPDATE contexts SET {cols} WHERE id = ?", (*values.values(), cid))
 
-    def add(self, cid: str, text: str, name: str | None, tokens: int, windows: int, model_id: str) -> None:
+    def add(self, cid: str, text: str, name: str | None, tokens: int, windows: int, model_id: str,
+            parent: str | None = None) -> None:
         """Record a new document as ``queued``; its text is written first (atomically),
-        so a queued row always has its document to compress."""
+        so a queued row always has its document to compress. With ``parent`` the text
+        is appended to that context (``tokens`` counts both, ``windows`` the new ones)."""
         atomic_write_text(self.text_path(cid), text)
         now = time.time()
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO contexts (id, name, status, tokens, slots, windows_done, windows_total, bytes, "
-                "error, attempts, model_id, created, updated) VALUES (?, ?, 'queued', ?, NULL, 0, ?, NULL, NULL, 0, ?, ?, ?)",
-                (cid, name, tokens, windows, model_id, now, now),
+                "error, attempts, model_id, created, updated, parent) "
+                "VALUES (?, ?, 'queued', ?, NULL, 0, ?, NULL, NULL, 0, ?, ?, ?, ?)",
+                (cid, name, tokens, windows, model_id, now, now, parent),
             )
 
     def delete(self, cid: str) -> None:
+        """Forget a context. A ready child never needs its parent (its memory file holds
+        the parent's slots too); an append still waiting keeps the parent's memory file
+        until it is done (:meth:`collect`)."""
         with self._lock:
             self._db.execute("DELETE FROM contexts WHERE id = ?", (cid,))
-        self.memory_path(cid).unlink(missing_ok=True)
         self.text_path(cid).unlink(missing_ok=True)
+        self.collect()
+
+    def collect(self) -> list[str]:
+        """Garbage collection: remove memory files without a row, except those a
+        queued or compressing append reads (its parent's); returns the ids removed."""
+        with self._lock:
+            rows = {r[0] for r in self._db.execute("SELECT id FROM contexts")}
+            needed = {r[0] for r in self._db.execute(
+                "SELECT parent FROM contexts WHERE parent IS NOT NULL AND status IN ('queued', 'compressing')")}
+        gone = []
+        for path in self.root.glob("*.rcc"):
+            if path.stem not in rows and path.stem not in needed:
+                path.unlink(missing_ok=True)
+                gone.append(path.stem)
+        return gone
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -126,6 +149,9 @@ class Store:
                     self.update(cid, status="failed", error="queued by another model; POST the document again")
                 elif not self.text_path(cid).is_file():
                     self.update(cid, status="failed", error="the document was lost in a restart; POST it again")
+                elif row["parent"] and not self.memory_path(row["parent"]).is_file():
+                    self.update(cid, status="failed", error=f"the context it appends to ({row['parent']}) is gone; "
+                                                            "POST the whole text, or append to another context")
                 elif row["attempts"] >= MAX_ATTEMPTS:
                     self.update(cid, status="failed",
                                 error=f"the server stopped during {row['attempts']} attempts to compress this "
@@ -135,6 +161,7 @@ class Store:
                     again.append(cid)
             elif row["status"] == "ready" and not self.memory_path(cid).is_file():
                 self.update(cid, status="failed", error="the memory file is missing; POST the document again")
+        self.collect()
         return again
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from rcc.serve.engine import Engine, Question, ServeError, internal_error, load_
 from rcc.serve.store import Store
 from rcc.vllm.export import export_decoder, rcc_section
 from rcc.vllm.generate import engine_args, prompt_for, sampling_for
-from rcc.vllm.slot_memory import SlotMemory, check_slots, compress_slots
+from rcc.vllm.slot_memory import SlotMemory, check_slots, combine_slots, compress_slots
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,9 @@ class VLLMEngine(Engine):
         check_slots(self.model, mem)
         return mem
 
+    def _combine(self, memories) -> SlotMemory:
+        return combine_slots(self.model, memories)
+
     # --------------------------------------------------------- questions
     def _answer_batch(self) -> None:
         live: dict[str, _Live] = {}
@@ -136,7 +139,7 @@ class VLLMEngine(Engine):
                 self._release(1)
 
     def _add(self, q: Question, batch: int) -> tuple[str, _Live]:
-        memory = self._memory(q.context)
+        memory = self._memory(q.contexts)
         if q.mode == "reconstruct":  # the question's windows extend the memory, as `rcc ask --memory` does
             q_ids = self.tok("\n\n" + q.text, add_special_tokens=False, return_tensors="pt").input_ids
             memory = self._make_memory(q_ids, prefix=memory)

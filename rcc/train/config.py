@@ -298,6 +298,9 @@ class RunOptions:
             where it has native bf16 matrix units (AMX; avx512_bf16 when a
             measured matmul says so, :mod:`rcc.precision`), else off (float32).
             ``"no"`` keeps float32 (exact, machine-independent results).
+        eval_at_start: also evaluate before the first step of a run that starts
+            at step 0 (logged as step 0): the starting model's held-out loss, the
+            baseline the run's curve is read against.
         ddp_find_unused_parameters: passed to DDP.
     """
 
@@ -319,6 +322,7 @@ class RunOptions:
     mixed_precision: str = "auto"
     ddp_find_unused_parameters: bool = False
     compile: bool = False
+    eval_at_start: bool = False
 
     def check(self) -> None:
         """This section's own rules. Raises RCCError."""

@@ -46,7 +46,7 @@ TRAIN_CONFIG_NAME = "train_config.json"
 # options that may change between a run and its resumption without a warning
 _RESUMABLE = {f"run.{k}" for k in ("resume", "progress", "log_every", "eval_every", "eval_batches", "save_every",
                                    "keep_checkpoints", "num_workers", "tensorboard", "compile", "stop_at",
-                                   "fit_schedule", "save_minutes")}
+                                   "fit_schedule", "save_minutes", "eval_at_start")}
 FIT_AFTER = 6  # run.fit_schedule measures the step time over steps 2..FIT_AFTER (step 1 warms up)
 
 
@@ -476,6 +476,24 @@ def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> TrainRe
     budget = Budget(cfg.run, sum(p.numel() for p in model.parameters() if p.requires_grad))
     fitting = cfg.run.fit_schedule and run.resume_from is None
     last_save = time.monotonic()
+
+    def held_out(step: int) -> dict:
+        """Evaluate on the held-out batches, record it as ``step``'s, and time it."""
+        began = time.monotonic()
+        _set_modes(model, cfg, False, accelerator)
+        result = {"step": step, **evaluate(model, eval_batches, eval_count, accelerator)}
+        _set_modes(model, cfg, True, accelerator)
+        _record(main, output_dir, writer, result)
+        if main:
+            line = (f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy "
+                    f"{result['eval_accuracy']:.3f} ({result['eval_tokens']} tokens)")
+            bar.write(line) if not bar.disable else log.info(line)
+        budget.eval_s = max(budget.eval_s, time.monotonic() - began)
+        return result
+
+    if eval_count and cfg.run.eval_at_start and state["step"] == 0:
+        metrics.update(held_out(0))
+        clock = time.perf_counter()
     _set_modes(model, cfg, True, accelerator)
     try:
         while state["step"] < total_steps:
@@ -526,17 +544,7 @@ def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> TrainRe
                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 _record(main, output_dir, writer, metrics)
             if eval_count and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total_steps):
-                eval_began = time.monotonic()
-                _set_modes(model, cfg, False, accelerator)
-                result = {"step": step, **evaluate(model, eval_batches, eval_count, accelerator)}
-                _set_modes(model, cfg, True, accelerator)
-                metrics.update(result)
-                _record(main, output_dir, writer, result)
-                if main:
-                    line = (f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy "
-                            f"{result['eval_accuracy']:.3f} ({result['eval_tokens']} tokens)")
-                    bar.write(line) if not bar.disable else log.info(line)
-                budget.eval_s = max(budget.eval_s, time.monotonic() - eval_began)
+                metrics.update(held_out(step))
                 clock = time.perf_counter()
             stop = budget.limited and step < total_steps and _any(budget.over(), accelerator)
             due = cfg.run.save_minutes is not None and time.monotonic() - last_save > 60 * cfg.run.save_minutes

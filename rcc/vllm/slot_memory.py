@@ -208,4 +208,28 @@ def compress_slots(model, context_ids, window_batch_size: int | None = 8,
                       content_hash=content)
 
 
-__all__ = ["SlotMemory", "compress_slots", "check_slots", "STORAGE_DTYPES", "FORMAT"]
+def combine_slots(model, memories: list[SlotMemory]) -> SlotMemory:
+    """Several memories read as one, in order: their slots concatenated (vLLM's decoder
+    reads them causally, so this is :meth:`rcc.RCCModel.combine` for the vLLM path: one
+    pre-fill over all their slots, no text encoded).
+
+    Raises:
+        RCCError: for an empty list, a memory from another model, or more slots than
+            the decoder's positions.
+    """
+    from rcc.positions import check_slot_total
+
+    if not memories:
+        raise RCCError("combine needs one or more slot memories")
+    for m in memories:
+        check_slots(model, m)
+    check_slot_total(model, sum(m.num_slots for m in memories), [m.num_slots for m in memories])
+    if len(memories) == 1:
+        return memories[0]
+    content = hashlib.sha256("+".join(m.content_hash for m in memories).encode()).hexdigest()
+    return SlotMemory(slots=torch.cat([m.slots.to(model.device, model.dtype) for m in memories]),
+                      num_tokens=sum(m.num_tokens for m in memories), window=model.config.window,
+                      ratio=model.config.ratio, model_id=memories[0].model_id, content_hash=content)
+
+
+__all__ = ["SlotMemory", "compress_slots", "combine_slots", "check_slots", "STORAGE_DTYPES", "FORMAT"]

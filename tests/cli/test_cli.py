@@ -409,3 +409,65 @@ def test_the_rotary_warning_is_given_once_about_positions_used(short_positions, 
     assert 88 < used < 160 and f"longer than {160 - used} tokens (of up to 60)" in line
     res = rcc("ask", "--model", short_positions, "--memory", mem, "-q", "Who?", "--max-new-tokens", "3")
     assert warnings(res) == []  # 3 new tokens stay within 160: nothing to say
+
+
+def test_append_and_ask_over_several_memories(short_positions, tmp_path, capsys):
+    """`rcc compress --append-to` and `rcc ask --memory A --memory B` give what the Python API
+    gives (compress with prefix, combine); memories that cannot be read together exit 2
+    with one line, before any work."""
+    import torch
+
+    from rcc.cli import main
+    from rcc.loading import load_model
+
+    text = DOC.read_text()
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[: len(text) // 2])
+    b.write_text(text[len(text) // 2 :])
+    m = ["--model", short_positions, "--dtype", "float32", "--quiet"]
+    assert main(["compress", str(a), "-o", str(tmp_path / "a.rcc"), *map(str, m)]) == 0
+    assert main(["compress", str(b), "-o", str(tmp_path / "b.rcc"), *map(str, m)]) == 0
+    assert main(["compress", str(b), "--append-to", str(tmp_path / "a.rcc"), "-o", str(tmp_path / "ab.rcc"),
+                 *map(str, m)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ab.rcc"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = load_model(str(short_positions), dtype=torch.float32, device="cpu")
+    tok = model.tokenizer
+    ma, mb = (model.compress(tok(p.read_text(), add_special_tokens=False, return_tensors="pt").input_ids)
+              for p in (a, b))
+    assert info["parents"] == [ma.content_hash] and info["slot_inputs"] is True
+    assert info["segments"] == [ma.num_tokens, mb.num_tokens] and int(info["num_slots"]) == ma.num_slots + mb.num_slots
+
+    def cli_answer(*memories):
+        args = ["ask", *[x for p in memories for x in ("--memory", str(tmp_path / p))], "-q", "Who?", "--json",
+                "--max-new-tokens", "6", *map(str, m)]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    capsys.readouterr()
+    both = cli_answer("a.rcc", "b.rcc")
+    ref = model.ask([ma, mb], "Who?", max_new_tokens=6)
+    assert (both["answer"], both["slots"]) == (ref.answer, ma.num_slots + mb.num_slots)
+    assert cli_answer("ab.rcc") == both  # an append is the two memories read together
+    assert cli_answer("b.rcc", "a.rcc")["slots"] == both["slots"]
+
+    def refused(args, *words):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rcc: error:")]
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+
+    assert main(["compress", str(b), "--no-slots", "-o", str(tmp_path / "bare.rcc"), *map(str, m)]) == 0
+    refused(["ask", "--memory", str(tmp_path / "a.rcc"), "--memory", str(tmp_path / "bare.rcc"), "-q", "Who?",
+             *map(str, m)], "bare.rcc holds no slot inputs")
+    # 160 positions: this many copies of a hold more slots than that
+    n = 160 // ma.num_slots + 1
+    refused(["ask", *["--memory", str(tmp_path / "a.rcc")] * n, "-q", "Who?", *map(str, m)],
+            f"the {n} memories hold {n * ma.num_slots} slots", "160 positions")
+    (tmp_path / "big.txt").write_text(text * 2)  # 176 slots: compressed with a warning, appended to: refused
+    assert main(["compress", str(tmp_path / "big.txt"), "-o", str(tmp_path / "big.rcc"), *map(str, m)]) == 0
+    refused(["compress", str(a), "--append-to", str(tmp_path / "big.rcc"), "-o", str(tmp_path / "x.rcc"),
+             *map(str, m)], "160 positions")
+    assert not (tmp_path / "x.rcc").exists()
+    refused(["compress", str(a), "--context", str(b), "-o", str(tmp_path / "x.rcc")], "give the text to compress once")

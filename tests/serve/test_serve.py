@@ -347,3 +347,77 @@ def test_load_16_concurrent_clients_on_two_contexts_with_the_bundled_model(tmp_p
     result = json.loads(out.read_text())
     assert result["errors"] == 0 and result["mismatches"] == 0
     assert result["generate_calls"] < 2 + 2 * 16  # the concurrent questions were batched
+
+
+@pytest.mark.slow  # a server process, restarted once (20 s)
+def test_append_and_questions_over_several_contexts(tiny, tmp_path):
+    """POST /v1/contexts/{id}/append makes a child that answers as the library's append;
+    /v1/ask and the chat route's context_ids read several contexts as one, as
+    RCCModel.combine does; limits are 413 before any work; deleting a parent keeps its
+    child; a kill -9 during an append leaves the parent and no half child."""
+    from rcc.loading import load_model
+
+    text = DOC.read_text()
+    half = len(text) // 2
+    first, second = text[:half], text[half:]
+    store = tmp_path / "store"
+    srv = Server(tiny, store, "--max-contexts-per-question", 3, "--window-batch-size", 1)
+    try:
+        url = srv.url
+        a = wait_ready(url, request(url + "/v1/contexts", {"text": first}, "POST")[1]["id"])
+        b = wait_ready(url, request(url + "/v1/contexts", {"text": second}, "POST")[1]["id"])
+        status, row = request(f"{url}/v1/contexts/{a['id']}/append", {"text": second, "name": "both"}, "POST")
+        assert status == 202 and row["parent"] == a["id"] and row["id"] not in (a["id"], b["id"]), row
+        child = wait_ready(url, row["id"])
+        assert child["tokens"] == a["tokens"] + b["tokens"] and child["slots"] == a["slots"] + b["slots"]
+        assert child["progress"]["windows_total"] == b["slots"] // 8  # only the new windows were encoded
+        again = request(f"{url}/v1/contexts/{a['id']}/append", {"text": second}, "POST")
+        assert again[0] == 200 and again[1]["id"] == child["id"]  # content-addressed
+
+        model = load_model(str(tiny), dtype=torch.float32, device="cpu")
+        tok = model.tokenizer
+        ma, mb = (model.compress(tok(t, add_special_tokens=False, return_tensors="pt").input_ids, window_batch_size=1)
+                  for t in (first, second))
+        ref = model.ask([ma, mb], QUESTION, mode="manual", max_new_tokens=16)
+        appended = ask(url, child["id"], mode="manual", max_tokens=16)[1]
+        status, both = request(url + "/v1/ask", {"context_ids": [a["id"], b["id"]], "question": QUESTION,
+                                                 "mode": "manual", "max_tokens": 16}, "POST")
+        assert status == 200 and both["answer"] == appended["answer"] == ref.answer, (both, appended, ref)
+        assert both["slots"] == child["slots"] and both["context_ids"] == [a["id"], b["id"]]
+        status, chat = request(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}],
+                               "context_ids": [a["id"], b["id"]], "mode": "manual", "max_tokens": 16}, "POST")
+        assert status == 200 and chat["choices"][0]["message"]["content"] == ref.answer, chat
+
+        # errors: 404 unknown, 413 past the limits, 422 both or neither of context_id(s)
+        s, body = request(url + "/v1/ask", {"context_ids": [a["id"], "f" * 32], "question": QUESTION}, "POST")
+        assert s == 404 and "f" * 32 in body["error"]["message"]
+        s, body = request(url + "/v1/ask", {"context_ids": [a["id"]] * 4, "question": QUESTION}, "POST")
+        assert s == 413 and "--max-contexts-per-question" in body["error"]["message"]
+        s, body = request(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "q"}],
+                                                         "context_id": a["id"], "context_ids": [a["id"]]}, "POST")
+        assert s == 422 and "context_ids" in body["error"]["message"]
+        s, body = request(f"{url}/v1/contexts/{'0' * 32}/append", {"text": "more"}, "POST")
+        assert s == 404
+        s, body = request(f"{url}/v1/contexts/{a['id']}/append", {"text": "  "}, "POST")
+        assert s == 422 and "empty" in body["error"]["message"]
+        schema = request(url + "/openapi.json")[1]
+        assert "/v1/contexts/{cid}/append" in schema["paths"] and "/v1/ask" in schema["paths"]
+
+        # deleting the parent never breaks the child
+        assert request(f"{url}/v1/contexts/{a['id']}", method="DELETE")[0] == 200
+        assert ask(url, child["id"], mode="manual", max_tokens=16)[1]["answer"] == ref.answer
+
+        # kill -9 in the middle of an append: the parent is intact, no half child; the append resumes
+        big = request(f"{url}/v1/contexts/{b['id']}/append", {"text": text * 30}, "POST")[1]
+        while request(f"{url}/v1/contexts/{big['id']}")[1]["progress"]["windows_done"] < 3:
+            time.sleep(0.05)
+        srv.kill9()
+        assert not (store / f"{big['id']}.rcc").exists() and (store / f"{b['id']}.rcc").exists()
+        srv = Server(tiny, store, "--window-batch-size", 8)
+        assert ask(srv.url, b["id"], mode="manual", max_tokens=8)[0] == 200
+        done = wait_ready(srv.url, big["id"])
+        assert done["parent"] == b["id"] and done["slots"] > b["slots"]
+        assert not list(store.glob(".*.part")) and not list(store.glob("*.txt"))
+        assert sorted(p.stem for p in store.glob("*.rcc")) == sorted([b["id"], child["id"], big["id"]])
+    finally:
+        srv.stop()

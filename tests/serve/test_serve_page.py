@@ -178,3 +178,45 @@ def test_docs_render_offline_and_another_origins_page_cannot_write(tiny, tmp_pat
             browser.close()
             other.shutdown()
         assert request(srv.url + "/v1/contexts")[1]["data"] == []
+
+
+@pytest.mark.slow  # a server and a browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
+def test_page_appends_and_asks_over_several_contexts(tiny, tmp_path):
+    """Issue 25: the page appends the text box to the current context (a child context), and
+    ticking contexts in its list asks one question over them, as POST /v1/ask answers it."""
+    text = PASSKEY.read_text()
+    half = len(text) // 2
+    with Server(tiny, tmp_path / "store", threads=2) as srv:
+        browser = Chromium(tmp_path / "profile")
+        try:
+            browser.open(srv.url + "/")
+            ready = "!document.getElementById('ask').disabled && !document.getElementById('append').disabled"
+            browser.js(f"document.getElementById('text').value = {json.dumps(text[:half])}; "
+                       "document.getElementById('compress').click()")
+            browser.wait(ready)
+            first = browser.js("document.getElementById('ctx').textContent").split()[1]
+            browser.js(f"document.getElementById('text').value = {json.dumps(text[half:])}; "
+                       "document.getElementById('append').click()")
+            browser.wait(f"document.getElementById('ctx').textContent.includes('appended to {first}')")
+            browser.wait(ready)
+            child = browser.js("document.getElementById('ctx').textContent").split()[1]
+            browser.js(f"document.getElementById('text').value = {json.dumps(text[half:])}; "
+                       "document.getElementById('compress').click()")
+            browser.wait(ready + " && document.querySelectorAll('#contexts input').length === 3")
+            second = browser.js("document.getElementById('ctx').textContent").split()[1]
+            for cid in (first, second):  # tick the two halves, in order
+                browser.js(f"document.querySelector('#contexts input[value=\"{cid}\"]').click()")
+            browser.js(f"document.getElementById('question').value = {json.dumps(QUESTION)}; "
+                       "document.getElementById('ask').click()")
+            browser.wait("document.getElementById('answer').dataset.done === '1'")
+            shown = browser.js("document.getElementById('answer').textContent")
+            meta = browser.js("document.getElementById('meta').textContent")
+        finally:
+            browser.close()
+        rows = {r["id"]: r for r in request(srv.url + "/v1/contexts")[1]["data"]}
+        assert rows[child]["parent"] == first and rows[child]["slots"] == rows[first]["slots"] + rows[second]["slots"]
+        s, body = request(srv.url + "/v1/ask", {"context_ids": [first, second], "question": QUESTION}, "POST")
+        assert s == 200 and shown == body["answer"], (shown, body)
+        assert f"{body['slots']} slots" in meta, meta
+        assert request(f"{srv.url}/v1/contexts/{child}/ask", {"question": QUESTION}, "POST")[1]["answer"] == shown

@@ -117,6 +117,20 @@ def test_warmup_then_cosine():
     assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
 
 
+def test_eval_at_start_logs_the_starting_models_held_out_loss(tokens, tmp_path):
+    """run.eval_at_start: a step-0 evaluation of the model before any update; at lr 0
+    nothing changes, so the final evaluation repeats it, while a trained run's differs."""
+    def evals(run, **over):
+        train(tiny(tokens, tmp_path / run, max_steps=2, eval_every=0, eval_at_start=True, **over))
+        logged = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        return [(e["step"], e["eval_loss"]) for e in logged if "eval_loss" in e]
+
+    frozen = evals("lr0", lr=0.0, lr_glue=0.0)
+    assert [s for s, _ in frozen] == [0, 2] and frozen[0][1] == pytest.approx(frozen[1][1], abs=1e-6)
+    trained = evals("lr", lr=3e-2, lr_glue=3e-2)
+    assert trained[0] == frozen[0] and abs(trained[1][1] - trained[0][1]) > 1e-4
+
+
 def test_param_groups_give_g_and_a_their_own_learning_rate(tokens, tmp_path):
     cfg = TrainConfig.load(tiny(tokens, tmp_path, train_encoder="frozen", weight_decay=0.1, pooling="mean"))
     model = build_model(cfg)
