@@ -287,7 +287,7 @@ class CompressedContext:
         kv = [(tensors[f"layers.{i}.keys"].to(device, cast), tensors[f"layers.{i}.values"].to(device, cast))
               for i in range(fields["layers"])]
         slots = tensors[SLOTS].to(device, cast) if SLOTS in tensors else None
-        segments, parents = memory_pieces(meta, path)
+        segments, parents = memory_pieces(meta, fields, path)
         return cls(kv=kv, num_tokens=fields["num_tokens"], num_slots=fields["num_slots"], window=fields["window"],
                    ratio=fields["ratio"], model_id=meta["model_id"], content_hash=meta["content_hash"], slots=slots,
                    segments=tuple(segments), parents=tuple(parents))
@@ -329,14 +329,13 @@ def memory_fields(meta: dict[str, str], path) -> dict[str, int]:
     return out
 
 
-def memory_pieces(meta: dict[str, str], path) -> tuple[list[int], list[str]]:
+def memory_pieces(meta: dict[str, str], fields: dict[str, int], path) -> tuple[list[int], list[str]]:
     """``(segments, parents)`` of a memory's metadata (format 3; older files: one segment of
-    ``num_tokens``, no parents), checked against its other fields.
+    ``num_tokens``, no parents), checked against its other fields (``fields``: :func:`memory_fields`).
 
     Raises:
         RCCError: naming the field that is missing or does not fit.
     """
-    fields = memory_fields(meta, path)
     if meta.get("format") != FORMAT:
         return [fields["num_tokens"]], []
     tokens, window = fields["num_tokens"], fields["window"]
@@ -457,5 +456,5 @@ def read_memory_metadata(path: str | os.PathLike) -> dict[str, str]:
     if len(batches) != 1 or stored is None or meta.setdefault("dtype", stored) != stored:
         raise RCCError(f"{path}: memory tensors disagree with each other or with the dtype field "
                        f"({', '.join(sorted(dtypes))} vs {meta.get('dtype')!r}); {RECOMPRESS}")
-    memory_pieces(meta, path)
+    memory_pieces(meta, fields, path)
     return meta

@@ -416,7 +416,7 @@ class RCCModel(nn.Module):
             raise RCCError(f"the memories hold {sorted({m.batch_size for m in memories})} contexts each; combine "
                            "memories of one batch size")
         total = sum(m.num_slots for m in memories)
-        positions.check_slot_total(self, total, [m.num_slots for m in memories])
+        positions.check_slot_total(self, total, [m.num_slots for m in memories], what=f"the {len(memories)} memories")
         if len(memories) == 1:
             return memories[0]
         first = memories[0]

@@ -36,13 +36,8 @@ def cmd_ask(args) -> int:
     model, device = load_from_args(args)
     if model.tokenizer is None:
         raise RCCError(f"{args.model} has no tokenizer; pass --base-model with a tokenizer")
-    if args.context is None and len(context) > 1:  # before any work (one memory was checked by rcc compress)
-        from rcc.positions import check_slot_total
-
-        check_slot_total(model, sum(m.num_slots for m in context), [m.num_slots for m in context],
-                         what=f"the {len(context)} memories")
-    elif args.context is None:
-        context = context[0]
+    if args.context is None and len(context) == 1:
+        context = context[0]  # several: ask() combines them, checking their slots before any work
     opts = options_from_args(args)
     if args.stream:
         from transformers import TextStreamer
@@ -139,7 +134,7 @@ def cmd_compress(args) -> int:
 def cmd_info(args) -> int:
     """Print a memory file's metadata (checked, without loading its tensors; a damaged file is an
     error), or with ``--system`` this machine: CPU, threads and what ``--dtype auto`` picks and why."""
-    from rcc.memory import memory_pieces, read_header, read_memory_metadata
+    from rcc.memory import memory_fields, memory_pieces, read_header, read_memory_metadata
 
     if args.system and args.memory is not None:
         raise RCCError("give a memory file (rcc info doc.rcc) or --system, not both")
@@ -159,7 +154,7 @@ def cmd_info(args) -> int:
     for key in ("tensors_sha256", "metadata_sha256"):
         meta.pop(key, None)
     size = Path(args.memory).stat().st_size
-    segments, parents = memory_pieces(meta, args.memory)
+    segments, parents = memory_pieces(meta, memory_fields(meta, args.memory), args.memory)
     combinable = "slots" in read_header(Path(args.memory))[1]
     info = {**meta, "segments": segments, "parents": parents, "slot_inputs": combinable,
             "bytes": size}
