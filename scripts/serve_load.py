@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Load test of `rcc serve`: N concurrent clients asking questions on two contexts,
 against the same N questions one at a time through the server and through N
-sequential `rcc ask` calls (each loads the model and compresses the document).
+sequential `rcc ask` calls (each loads the model and compresses the document);
+then, under load, appends to a context and questions over both (``context_ids``).
 
     python scripts/serve_load.py --clients 16 -o runs/serve-load.json
 
@@ -40,6 +41,49 @@ def call(url: str, body: dict | bytes | None = None, headers: dict | None = None
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def grow_and_combine(url: str, ids: list[str], n: int, max_tokens: int, result: dict) -> dict:
+    """Under load, appends and questions over both contexts: n/2 clients post the same
+    append (the second document onto the first: one child, content-addressed) while n/2
+    ask over ``context_ids`` [first, second]; then the child's answer. All must equal
+    the one-client answer over both contexts (the append keeps the cut, so the child
+    reads the slots ``context_ids`` reads). Counts errors and mismatches into ``result``."""
+    question = DOCS[0][1]
+    both = {"context_ids": ids, "question": question, "max_tokens": max_tokens}
+    reference = call(url + "/v1/ask", both)["answer"]
+    text = DOCS[1][0].read_text()
+
+    def job(i: int):
+        if i % 2:
+            return "ask", call(url + "/v1/ask", both)["answer"]
+        return "append", call(f"{url}/v1/contexts/{ids[0]}/append", {"text": text})["id"]
+
+    t = time.perf_counter()
+    got = []
+    with cf.ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(job, i) for i in range(n)]:
+            try:
+                got.append(f.result())
+            except Exception as err:  # noqa: BLE001 - counted, reported
+                print(f"error: {err}", file=sys.stderr)
+                result["errors"] += 1
+    children = sorted({v for k, v in got if k == "append"})
+    for cid in children:
+        while (row := call(f"{url}/v1/contexts/{cid}"))["status"] != "ready":
+            if row["status"] == "failed":
+                result["errors"] += 1
+                break
+            time.sleep(0.2)
+    wall = time.perf_counter() - t
+    child_answers = [call(f"{url}/v1/contexts/{cid}/ask", {"question": question, "max_tokens": max_tokens})["answer"]
+                     for cid in children]
+    answers = [v for k, v in got if k == "ask"] + child_answers
+    mismatches = sum(a != reference for a in answers) + (len(children) != 1)
+    result["mismatches"] += mismatches
+    return {"append_requests": sum(k == "append" for k, _ in got), "children": len(children),
+            "combined_questions": sum(k == "ask" for k, _ in got), "answer": reference, "wall_s": wall,
+            "mismatches": mismatches}
 
 
 def main(argv=None) -> int:
@@ -111,6 +155,7 @@ def main(argv=None) -> int:
         metrics = urllib.request.urlopen(url + "/metrics").read().decode()
         result["generate_calls"] = next(float(ln.split()[1]) for ln in metrics.splitlines()
                                         if ln.startswith("rcc_batches_total"))
+        result["appends"] = grow_and_combine(url, ids, args.clients, args.max_tokens, result)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))  # kept if the rcc ask calls are cut short
         print(f"server: concurrent {result['server_concurrent']}, one at a time {result['server_sequential']}",
@@ -146,6 +191,9 @@ def main(argv=None) -> int:
     if cli_calls:
         result["speedup_vs_cli"] = result["server_concurrent"]["questions_per_s"] / result["cli_sequential"]["questions_per_s"]
         print(f"\nthroughput, concurrent server / sequential rcc ask: {result['speedup_vs_cli']:.1f}x")
+    a = result["appends"]
+    print(f"appends under load: {a['append_requests']} requests made {a['children']} child; {a['combined_questions']} "
+          f"questions over both contexts and the child's answer {a['mismatches']} differing, {a['wall_s']:.1f} s")
     print(f"errors {result['errors']}, answers differing from the single-client answer {result['mismatches']}, "
           f"generate calls {result['generate_calls']:.0f} for {2 + 2 * n} questions")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -347,6 +347,7 @@ def test_load_16_concurrent_clients_on_two_contexts_with_the_bundled_model(tmp_p
     result = json.loads(out.read_text())
     assert result["errors"] == 0 and result["mismatches"] == 0
     assert result["generate_calls"] < 2 + 2 * 16  # the concurrent questions were batched
+    assert result["appends"]["children"] == 1 and result["appends"]["combined_questions"] == 8  # under load
 
 
 @pytest.mark.slow  # a server process, restarted once (20 s)

@@ -92,6 +92,26 @@ def test_vllm_engine_serves_the_api_with_answers_equal_to_rcc_ask(tmp_path, one_
         assert status == 200 and again["answer"] == ask(model, memory, QUESTION, mode="manual",
                                                          max_new_tokens=24).answer, again
 
+        # memories that grow and combine: an append and questions over two contexts answer as RCCModel.combine
+        more = "The keeper's daughter wrote the log after him, every night, in green ink. " * 10
+        status, row = request(f"{url}/v1/contexts/{cid}/append", {"text": more}, "POST")
+        assert status == 202 and row["parent"] == cid, row
+        child = wait_ready(url, row["id"])
+        cid_more = wait_ready(url, request(url + "/v1/contexts", {"text": more}, "POST")[1]["id"])["id"]
+        more_ids = model.tokenizer(more, add_special_tokens=False, return_tensors="pt").input_ids
+        ref = ask(model, [memory, model.compress(more_ids)], QUESTION, mode="manual", max_new_tokens=24).answer
+        body = {"question": QUESTION, "mode": "manual", "max_tokens": 24}
+        status, got = request(f"{url}/v1/contexts/{child['id']}/ask", body, "POST")
+        assert status == 200 and got["answer"] == ref, (got, ref)
+        status, got = request(url + "/v1/ask", {**body, "context_ids": [cid, cid_more]}, "POST")
+        assert status == 200 and got["answer"] == ref and got["slots"] == child["slots"], (got, ref)
+        chat = client.chat.completions.create(model="tiny", extra_body={"context_ids": [cid, cid_more],
+                                                                        "mode": "manual"},
+                                              messages=[{"role": "user", "content": QUESTION}], max_tokens=24)
+        assert chat.choices[0].message.content == ref
+        status, err = request(url + "/v1/ask", {**body, "context_ids": [cid, cid_other]}, "POST")
+        assert status == 409 and "made by another model" in err["error"]["message"], err
+
 
 @pytest.mark.slow
 def test_vllm_engine_refuses_a_decoder_it_does_not_serve(tmp_path):

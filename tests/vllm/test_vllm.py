@@ -135,6 +135,49 @@ def test_bad_memories_are_refused_and_the_engine_keeps_serving(setup):
     assert list(run(llm, [mem], [prompt], logprobs=None)[0].outputs[0].token_ids) == reference(model, ctx, prompt)[0]
 
 
+@pytest.mark.slow
+def test_appended_and_combined_slot_memories_answer_as_the_whole_text(setup):
+    """compress_slots(B, prefix=slots(A)) and combine_slots([slots(A), slots(B)]) (A and B
+    whole windows; a partial window is padded at the front of its own text) hold the slots
+    of compress_slots(A + B) (within float32 rounding: the windows are batched differently), and vLLM's greedy tokens over each equal RCCModel's over
+    A + B and over model.combine; memories of another model or window/ratio are refused."""
+    from rcc.errors import RCCError
+    from rcc.vllm.slot_memory import SlotMemory, combine_slots, compress_slots
+
+    model, llm = setup
+    g = torch.Generator().manual_seed(11)
+    a, b, c = (torch.randint(3, 300, (1, n), generator=g) for n in (128, 128, 40))  # 2 windows, 2, a short one
+    whole = compress_slots(model, torch.cat([a, b], dim=1))
+    ma, mb, mc = (compress_slots(model, x) for x in (a, b, c))
+    appended = compress_slots(model, b, prefix=ma)
+    combined = combine_slots(model, [ma, mb])
+    for mem in (appended, combined):
+        assert mem.num_slots == whole.num_slots == 16 + 16 and mem.num_tokens == 256
+        torch.testing.assert_close(mem.slots, whole.slots, rtol=1e-5, atol=1e-5)
+    assert combined.content_hash != whole.content_hash != appended.content_hash  # the cut is part of the content
+    prompt = torch.randint(3, 300, (1, 7), generator=g)
+    ref_ids, _ = reference(model, torch.cat([a, b], dim=1), prompt)
+    lib = model.generate(model.combine([model.compress(a), model.compress(b)]), prompt, max_new_tokens=16,
+                         eos_token_id=None)[0].tolist()
+    three = combine_slots(model, [ma, mb, mc])  # three memories as one item, the last a short text
+    outs = run(llm, [whole, appended, combined, three], [prompt] * 4, logprobs=None)
+    assert [list(o.outputs[0].token_ids) for o in outs[:3]] == [ref_ids] * 3 and ref_ids == lib
+    lib3 = model.generate(model.combine([model.compress(x) for x in (a, b, c)]), prompt, max_new_tokens=16,
+                          eos_token_id=None)[0].tolist()
+    assert list(outs[3].outputs[0].token_ids) == lib3 != ref_ids  # c's slots were read
+
+    other = compress_slots(tiny_vllm_rcc(seed=5), c)
+    with pytest.raises(RCCError, match=r"made by another model"):
+        combine_slots(model, [ma, other])
+    with pytest.raises(RCCError, match=r"made by another model"):
+        compress_slots(model, b, prefix=other)
+    limit = model.decoder.config.max_position_embeddings
+    too_many = SlotMemory(slots=torch.zeros(limit, *ma.slots.shape[1:]), num_tokens=limit * 8, window=64, ratio=8,
+                          model_id=ma.model_id, content_hash="big")
+    with pytest.raises(RCCError, match=rf"hold {limit + 16} slots \(16 \+ {limit}\), more than the {limit} positions"):
+        combine_slots(model, [ma, too_many])
+
+
 def test_unsupported_decoder_is_refused_at_export(tmp_path):
     from rcc.errors import RCCError
     from rcc.vllm.export import export_decoder
