@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,8 +117,6 @@ def main() -> None:
               f"ask combined {s['ask_combined']:.2f} s vs one memory {s['ask_one_memory']:.2f} s", flush=True)
 
     def median(k):
-        import statistics
-
         return round(statistics.median(r["seconds"][k] for r in samples), 3)
 
     result = {

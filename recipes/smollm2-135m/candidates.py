@@ -44,9 +44,10 @@ def candidates(repo: Path) -> dict[str, str]:
 
 def restore(repo: Path, name: str, dest: Path) -> list[Path]:
     """Write candidate ``name``'s files from history under ``dest``; returns the paths written."""
-    commit = candidates(repo).get(name)
+    found = candidates(repo)
+    commit = found.get(name)
     if commit is None:
-        known = ", ".join(sorted(candidates(repo))) or "none"
+        known = ", ".join(sorted(found)) or "none"
         raise SystemExit(f"candidates: no candidate {name!r} in this repository's history (known: {known})")
     prefix = f"{ROOT}/{name}/"
     written = []
