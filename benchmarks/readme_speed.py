@@ -9,7 +9,9 @@ README command with a warm cache, and (with ``--cold``) the README command with 
 empty cache folder (the first run on a machine: the GGUF dequantised and cached,
 the CPU's dtype measured) and the README command as it ran before the cache (float32,
 the GGUF dequantised in every run: ``RCC_CPU_DTYPE=float32`` and a cache folder that
-cannot be made, so the one-line fallback takes today's old path).
+cannot be made, so the one-line fallback takes today's old path). With ``--plain-gc``, also
+the README command with Python's collector as it is (``rcc.loading.quiet_gc`` replaced by a
+null context: what holding the collector off during the load and freezing it saves).
 Each run is a fresh process; wall time and peak RSS (``/usr/bin/time`` style, from
 ``os.wait4`` of each child). Prints a table and writes the JSON.
 """
@@ -60,6 +62,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cold", action="store_true", help="also time first runs (empty cache folder each time)")
+    p.add_argument("--plain-gc", action="store_true", help="also time the README command without quiet_gc")
     p.add_argument("-o", "--output", default="benchmarks/results/readme-speed.json")
     args = p.parse_args()
     from rcc.files import write_json
@@ -72,12 +75,19 @@ def main() -> int:
     key = re.search(r"The pass key is (\d+)\.", (REPO / "examples" / "passkey.txt").read_text()).group(1)
     subprocess.run(readme, cwd=REPO, env=env, capture_output=True)  # fills the cache (and the page cache)
     runs: dict[str, list[dict]] = {"bare import": [], "README, second run": []}
+    plain_gc = [sys.executable, "-c", "import contextlib, sys; import rcc.loading as L; "
+                "L.quiet_gc = contextlib.nullcontext; from rcc.cli.commands import main; sys.exit(main(sys.argv[1:]))",
+                *readme[3:]]
+    if args.plain_gc:
+        runs["README, second run, plain gc"] = []
     if args.cold:
         runs["README, first run"] = []
         runs["README, as before the cache"] = []
     for _ in range(args.repeats):
         runs["bare import"].append(timed(bare, env))
         runs["README, second run"].append(timed(readme, env))
+        if args.plain_gc:
+            runs["README, second run, plain gc"].append(timed(plain_gc, env))
         if args.cold:
             cache = tempfile.mkdtemp(prefix="rcc-cold-")
             cold_env = dict(env, RCC_CACHE_DIR=cache)

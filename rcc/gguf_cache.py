@@ -34,7 +34,7 @@ from rcc.files import umask_mode
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rcc-backbone-cache/1"
+FORMAT = "rcc-backbone-cache/2"  # 2: tied weights under the embedding's name
 MANIFEST = "rcc-cache.json"
 _HASHED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: each file is hashed once per process
 
@@ -125,6 +125,18 @@ def read_folder(folder: Path, dtype: torch.dtype):
     return model.eval(), tok
 
 
+def first_names(state: dict) -> dict:
+    """``state`` with each tensor once, under the first name that holds its storage
+    (a tied output head goes; the embedding it shares stays), made contiguous."""
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.detach().contiguous()
+    return out
+
+
 def write_folder(folder: Path, model, tok, gguf_sha: str, dtype: torch.dtype) -> None:
     """Save ``model`` and ``tok`` as the cache folder ``folder``, atomically: built in a
     temporary folder beside it, then renamed (a concurrent builder's folder is kept).
@@ -135,12 +147,14 @@ def write_folder(folder: Path, model, tok, gguf_sha: str, dtype: torch.dtype) ->
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}-", suffix=".part", dir=folder.parent))
     try:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         # transformers refuses save_pretrained on a GGUF-loaded model, whose config still
         # names the GGUF as its quantisation; these weights are plain (dequantised), so they
-        # are written as a plain checkpoint (tied weights once, as save_pretrained does)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # are written as a plain checkpoint, tied weights once under their first name (the
+        # input embedding, as save_pretrained does: stored under the output head's name, the
+        # embedding counts as missing and is initialised at every load, 0.2 s of 28M normals)
+        save_file(first_names(model.state_dict()), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -71,6 +71,11 @@ def test_built_once_then_read_back_bit_exactly(parts, gguf, tmp_path, caplog):
     assert model is not parts[0]
     assert_same(model, parts[0])
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:  # tied weights under the embedding's name:
+        stored = set(fh.keys())  # stored as the head, the embedding is initialised at every load, then tied
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
     assert tok(TEXT).input_ids == parts[1](TEXT).input_ids
     ids = torch.tensor([tok(TEXT).input_ids])
     assert torch.equal(model(ids).logits, parts[0](ids).logits)

@@ -214,3 +214,29 @@ def test_fast_lora_inference_equals_peft_and_leaves_training_alone():
     with adapters.fast_inference(model.decoder):  # with gradients: peft's forward, gradients flow to LoRA
         model(ctx, prompt, labels=prompt).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_a_load_holds_the_collector_off_and_freezes_the_process_once(tmp_path, monkeypatch):
+    import gc
+
+    from rcc import loading
+
+    path = tmp_path / "m"
+    tiny_rcc("llama", window=32, ratio=4).save_pretrained(str(path))
+    monkeypatch.setattr(loading, "_FROZEN", [False])
+    during, real = [], loading._load_model
+    monkeypatch.setattr(loading, "_load_model", lambda *a: (during.append(gc.isenabled()), real(*a))[1])
+    before = gc.get_freeze_count()
+    try:
+        with pytest.raises(RCCError):  # an error: the collector back on, nothing frozen
+            loading.load_model(str(tmp_path / "nothing"))
+        assert gc.isenabled() and not loading._FROZEN[0] and gc.get_freeze_count() == before
+        model = loading.load_model(str(path))
+        assert isinstance(model, RCCModel) and during == [False, False]  # off while loading, on after
+        assert gc.isenabled() and loading._FROZEN[0] and gc.get_freeze_count() > before
+        gc.disable()  # a caller that holds the collector off keeps it off
+        loading.load_model(str(path))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()

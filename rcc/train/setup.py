@@ -16,6 +16,7 @@ from rcc import adapters
 from rcc.backbones import shared_copy
 from rcc.data import load_tokenizer
 from rcc.errors import RCCError
+from rcc.loading import quiet_gc
 from rcc.model import RCCModel
 from rcc.train.config import TrainConfig
 
@@ -37,6 +38,7 @@ def _backbone(spec, dtype: torch.dtype, seed: int):
     return model, tok, source
 
 
+@quiet_gc()  # the collector held off while the backbones load (rcc.loading.quiet_gc)
 def build_model(cfg: TrainConfig, share_backbone: bool | None = None) -> RCCModel:
     """The model a config describes, with LoRA added and parameters frozen as asked.
 
