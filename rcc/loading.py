@@ -4,6 +4,7 @@ model over a backbone. Sits above :mod:`rcc.model` and :mod:`rcc.checkpoint`."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import logging
@@ -38,7 +39,10 @@ def quiet_gc():
     from cyclic collection (reference counting still frees them); it is done once per
     process, so a long test session or a server that loads again does not keep
     freezing the cyclic garbage of its earlier work. The collector's state is
-    restored on the way out, error or not.
+    restored on the way out, error or not. The frozen objects are unfrozen at exit, so
+    the interpreter's last collection still frees them: native modules that check for
+    leaks at exit (triton's nanobind under vLLM) would otherwise print hundreds of lines
+    after the CLI's last one.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -46,6 +50,7 @@ def quiet_gc():
         yield
         if was_enabled and not _FROZEN[0]:
             gc.freeze()
+            atexit.register(gc.unfreeze)
             _FROZEN[0] = True
     finally:
         if was_enabled:

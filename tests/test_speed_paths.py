@@ -240,3 +240,27 @@ def test_a_load_holds_the_collector_off_and_freezes_the_process_once(tmp_path, m
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_the_objects_a_load_froze_are_still_collected_at_exit(tmp_path):
+    """Frozen garbage left at exit is what native modules' leak checks report (triton's
+    nanobind printed hundreds of lines after `rcc serve --engine vllm`'s error)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m"
+    tiny_rcc("llama", window=32, ratio=4).save_pretrained(str(path))
+    script = (
+        "import gc, sys\n"
+        "class Cycle:\n"
+        "    def __del__(self): sys.stdout.write('collected\\n')\n"
+        "from rcc.loading import load_model\n"
+        "gc.collect()\n"
+        "c = Cycle(); c.me = c; del c\n"  # cyclic garbage, alive when the load freezes
+        f"load_model({str(path)!r})\n"
+        "assert gc.get_freeze_count() > 0\n"
+        "print('loaded', flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["loaded", "collected"], res.stdout
