@@ -245,6 +245,7 @@ def test_a_load_holds_the_collector_off_and_freezes_the_process_once(tmp_path, m
 def test_the_objects_a_load_froze_are_still_collected_at_exit(tmp_path):
     """Frozen garbage left at exit is what native modules' leak checks report (triton's
     nanobind printed hundreds of lines after `rcc serve --engine vllm`'s error)."""
+    import os
     import subprocess
     import sys
 
@@ -261,6 +262,6 @@ def test_the_objects_a_load_froze_are_still_collected_at_exit(tmp_path):
         "assert gc.get_freeze_count() > 0\n"
         "print('loaded', flush=True)\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["loaded", "collected"], res.stdout
